@@ -1,0 +1,45 @@
+#pragma once
+// The explanation every closed connection leaves behind.
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "closewise/core.hpp"
+#include "closewise/probe.hpp"
+
+namespace closewise {
+
+/// Why and how one connection ended. Produced exactly once per connection,
+/// by `basic_stream::async_close` (or by the stream itself when the peer's
+/// reset or both FINs ended the connection first).
+struct close_report {
+  close_cause cause = close_cause::none;
+  close_policy policy = close_policy::graceful;  ///< the policy asked for (if any close was asked)
+  bool close_requested = false;                  ///< false: the connection ended before any close was asked
+  std::uint64_t bytes_in = 0;                    ///< bytes delivered to the application
+  std::uint64_t bytes_out = 0;                   ///< bytes the kernel accepted from us
+  std::uint64_t bytes_discarded = 0;             ///< bytes read and thrown away while draining
+  std::chrono::nanoseconds drain_time{0};        ///< time from the close request to the end of the drain
+  drain_end drain = drain_end::none;             ///< what ended the drain
+  reset_refusal refusal = reset_refusal::none;   ///< rst_if_safe: why it fell back to graceful
+  side first_fin = side::none;                   ///< whose FIN went first
+  side time_wait = side::none;                   ///< who keeps TIME_WAIT (first FIN, unless a RST ended it)
+  bool rst_sent = false;                         ///< we reset the connection (by policy or by limit)
+  bool rst_received = false;                     ///< the peer reset the connection
+  /// Bytes in our receive queue when we closed (SIOCINQ). Non-zero means the
+  /// kernel answered our close with RST instead of FIN (DESIGN.md row 7).
+  std::uint64_t unread_at_close = 0;
+  /// Bytes not yet acknowledged when we closed (SIOCOUTQ). After an abortive
+  /// close these are lost.
+  std::uint64_t unacked_at_close = 0;
+  tcp_state final_state = tcp_state::unknown;  ///< TCP_INFO state just before the descriptor was closed
+  std::string error;                           ///< the error that ended it, if any (message text)
+
+  /// True when the kernel turned our close into a RST because input was unread.
+  bool kernel_reset() const noexcept { return unread_at_close > 0 && !rst_sent; }
+  /// One line for logs: "cause=ours_then_peer_fin policy=graceful in=.. out=.. ...".
+  std::string describe() const;
+};
+
+}  // namespace closewise
