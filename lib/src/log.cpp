@@ -1,0 +1,31 @@
+#include "closewise/log.hpp"
+
+#include <atomic>
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+namespace closewise {
+
+namespace {
+
+std::shared_ptr<spdlog::logger> make_default() {
+  if (auto registered = spdlog::get("closewise")) return registered;
+  // Not registered: the application's spdlog registry stays untouched.
+  auto l = std::make_shared<spdlog::logger>("closewise", std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+  l->set_level(spdlog::level::warn);
+  return l;
+}
+
+std::shared_ptr<spdlog::logger>& slot() {
+  static std::shared_ptr<spdlog::logger> current = make_default();
+  return current;
+}
+
+}  // namespace
+
+std::shared_ptr<spdlog::logger> logger() { return std::atomic_load(&slot()); }
+
+void set_logger(std::shared_ptr<spdlog::logger> l) { std::atomic_store(&slot(), l ? std::move(l) : make_default()); }
+
+}  // namespace closewise
