@@ -1,7 +1,18 @@
 # Warnings and sanitizers as target options: nothing here touches global flags.
 
+# CLOSEWISE_SANITIZE is declared by the top-level CMakeLists.txt; offer its
+# values in cmake-gui/ccmake and reject a combination that cannot link.
+if(DEFINED CACHE{CLOSEWISE_SANITIZE})
+  set_property(CACHE CLOSEWISE_SANITIZE PROPERTY STRINGS "" "address,undefined" "address" "undefined" "thread")
+endif()
+if(CLOSEWISE_SANITIZE MATCHES "thread" AND CLOSEWISE_SANITIZE MATCHES "address")
+  message(FATAL_ERROR "CLOSEWISE_SANITIZE='${CLOSEWISE_SANITIZE}': ThreadSanitizer cannot be combined with AddressSanitizer")
+endif()
+
 function(closewise_target_options target)
   target_compile_features(${target} PUBLIC cxx_std_20)
+  # -std=c++20, not gnu++20: the code must not lean on GNU language extensions.
+  set_target_properties(${target} PROPERTIES CXX_EXTENSIONS OFF)
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wpedantic)
   if(CLOSEWISE_WARNINGS_AS_ERRORS)
     target_compile_options(${target} PRIVATE -Werror)

@@ -1,0 +1,575 @@
+// basic_stream and the teardown policies end to end, on real loopback sockets.
+// Each test: one io_context on the test thread, a raw blocking peer (in its
+// own thread where it must block), port 0, and a bounded run_until.
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <future>
+#include <thread>
+
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+
+#include "../support/loopback.hpp"
+#include "closewise/sock_diag.hpp"
+
+using namespace closewise;
+using namespace closewise::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+class stream_test : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam() && !ipv6_available()) GTEST_SKIP() << "no IPv6 loopback on this machine";
+    factory_.emplace(ioc_, GetParam());
+  }
+
+  // Reads exactly n bytes from the stream (or until an error).
+  std::pair<error_code, std::string> read_exactly(tcp_stream& s, std::size_t n) {
+    std::string buf(n, '\0');
+    std::optional<std::pair<error_code, std::size_t>> r;
+    asio::async_read(s, asio::buffer(buf), [&](error_code ec, std::size_t k) { r.emplace(ec, k); });
+    EXPECT_TRUE(run_until(ioc_, [&] { return r.has_value(); }));
+    if (!r) return {asio::error::timed_out, {}};
+    buf.resize(r->second);
+    return {r->first, buf};
+  }
+
+  error_code write_all(tcp_stream& s, const std::string& data) {
+    std::optional<error_code> r;
+    asio::async_write(s, asio::buffer(data), [&](error_code ec, std::size_t) { r = ec; });
+    EXPECT_TRUE(run_until(ioc_, [&] { return r.has_value(); }));
+    return r.value_or(asio::error::timed_out);
+  }
+
+  close_report close(tcp_stream& s, close_policy p) {
+    std::optional<close_report> rep;
+    s.async_close(p, [&](close_report r) { rep = std::move(r); });
+    EXPECT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+    return rep.value_or(close_report{});
+  }
+
+  // Waits (bounded) until the stream's receive queue holds at least n bytes.
+  bool wait_unread(tcp_stream& s, std::uint64_t n) {
+    for (int i = 0; i < 2000; ++i) {
+      if (s.probe().unread.value_or(0) >= n) return true;
+      std::this_thread::sleep_for(1ms);  // polling a kernel counter, not synchronising threads
+    }
+    return false;
+  }
+
+  std::size_t time_wait_count(std::uint16_t a, std::uint16_t b) {
+    std::error_code ec;
+    std::size_t n = 0;
+    for (const auto& d : list_tcp_sockets(factory_->port(), ec)) {
+      if (d.state == tcp_state::time_wait &&
+          ((d.local_port == a && d.remote_port == b) || (d.local_port == b && d.remote_port == a)))
+        ++n;
+    }
+    EXPECT_FALSE(ec) << ec.message();
+    return n;
+  }
+
+  asio::io_context ioc_;
+  std::optional<loopback_pair_factory> factory_;
+};
+
+INSTANTIATE_TEST_SUITE_P(ip, stream_test, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "v6" : "v4"; });
+
+// Peer half-close is an event, not the end: the write side stays usable and
+// everything written after it reaches the peer.
+TEST_P(stream_test, peer_half_close_leaves_write_side_open) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_EQ(peer.send(std::string("request")), 7);
+  peer.shutdown_write();
+
+  auto [ec, got] = read_exactly(s, 64);
+  EXPECT_EQ(ec, asio::error::eof);
+  EXPECT_EQ(got, "request");
+  EXPECT_EQ(s.state().read(), read_state::peer_fin);
+  EXPECT_EQ(s.state().write(), write_state::open);
+  EXPECT_EQ(s.state().current_phase(), phase::remote_half_closed);
+  EXPECT_EQ(s.probe().state, tcp_state::close_wait);
+
+  const std::string reply = pattern(1 << 20);
+  auto reader = std::async(std::launch::async, [&] {
+    std::string sink;
+    auto d = peer.drain(&sink);
+    return std::make_pair(d, sink);
+  });
+  EXPECT_FALSE(write_all(s, reply));
+  const auto rep = close(s, close_policy::graceful);
+  const auto [d, sink] = reader.get();
+  EXPECT_TRUE(d.eof);
+  EXPECT_EQ(sink, reply);
+  EXPECT_EQ(rep.cause, close_cause::peer_fin_then_ours) << rep.describe();
+  EXPECT_EQ(rep.first_fin, side::peer);
+  EXPECT_EQ(rep.time_wait, side::peer);
+  EXPECT_EQ(rep.bytes_in, 7u);
+  EXPECT_EQ(rep.bytes_out, reply.size());
+  EXPECT_FALSE(rep.rst_sent);
+}
+
+// Reading again after the FIN says EOF again; the peer-FIN event itself is one.
+TEST_P(stream_test, eof_repeats_but_the_state_changes_once) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  peer.shutdown_write();
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::eof);
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::eof);
+  EXPECT_EQ(s.state().read(), read_state::peer_fin);
+  EXPECT_FALSE(s.state().finished());
+}
+
+// The core of the project (DESIGN.md row 7): a response followed by a close
+// while a pipelined request sits unread. Graceful close drains it and every
+// byte of the response arrives, every time.
+TEST_P(stream_test, graceful_close_with_unread_input_delivers_every_byte) {
+  int reps = 1000;
+  if (const char* env = std::getenv("CLOSEWISE_TEST_REPS")) reps = std::max(1, std::atoi(env));
+  const std::string response = pattern(4 << 20);
+  const std::string extra = "GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
+  std::uint64_t lost = 0;
+  int kernel_resets = 0;
+  for (int i = 0; i < reps; ++i) {
+    auto peer = factory_->connect();
+    auto s = factory_->accept();
+    ASSERT_EQ(peer.send(std::string("GET / HTTP/1.1\r\n\r\n")), 18);
+    ASSERT_EQ(read_exactly(s, 18).second.size(), 18u);
+    // Sent after the server read the first request: these bytes stay in the kernel.
+    ASSERT_EQ(peer.send(extra), static_cast<long>(extra.size()));
+    ASSERT_TRUE(wait_unread(s, extra.size()));
+    auto reader = std::async(std::launch::async, [&] {
+      std::uint64_t n = 0;
+      std::vector<char> buf(256 * 1024);
+      bool intact = true;
+      for (;;) {
+        const long r = peer.recv_some(buf.data(), buf.size());
+        if (r <= 0) return std::make_tuple(n, r == 0, intact);
+        for (long k = 0; k < r; ++k) intact = intact && buf[k] == pattern_byte(n + k);
+        n += r;
+      }
+    });
+    // Both queued before the close: the write has to be flushed first.
+    std::optional<error_code> wrote;
+    asio::async_write(s, asio::buffer(response), [&](error_code ec, std::size_t) { wrote = ec; });
+    std::optional<close_report> rep;
+    s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+    // The peer closes when it has seen our EOF: run until the reader finished.
+    ASSERT_TRUE(run_until(ioc_, [&] { return reader.wait_for(0s) == std::future_status::ready; }));
+    auto [n, eof, intact] = reader.get();
+    peer.close();
+    ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value() && wrote.has_value(); }));
+    EXPECT_FALSE(*wrote);
+    lost += response.size() - n;
+    kernel_resets += rep->kernel_reset() || rep->rst_sent;
+    ASSERT_TRUE(eof) << "repetition " << i << ": " << rep->describe();
+    ASSERT_TRUE(intact) << "repetition " << i;
+    ASSERT_EQ(rep->cause, close_cause::ours_then_peer_fin) << rep->describe();
+    ASSERT_EQ(rep->bytes_discarded, extra.size());
+    ASSERT_EQ(rep->drain, drain_end::peer_fin);
+    ASSERT_EQ(rep->time_wait, side::local);
+  }
+  EXPECT_EQ(lost, 0u);
+  EXPECT_EQ(kernel_resets, 0);
+}
+
+// The same situation with fin_close: the kernel turns our close into a RST,
+// the unsent part of the response is lost, and the report says so.
+TEST_P(stream_test, fin_close_with_unread_input_is_reported_as_kernel_reset) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_EQ(peer.send(std::string("GET / HTTP/1.1\r\n\r\n")), 18);
+  ASSERT_EQ(read_exactly(s, 18).second.size(), 18u);
+  ASSERT_EQ(peer.send(std::string("more")), 4);
+  ASSERT_TRUE(wait_unread(s, 4));
+  // 2 MiB fits in the kernel's buffers with the peer not reading (about
+  // 110 KiB in its receive queue, the rest in our send queue), so the write
+  // completes and the close finds most of the response still unsent.
+  const std::string response = pattern(2 << 20);
+  std::optional<error_code> wrote;
+  asio::async_write(s, asio::buffer(response), [&](error_code ec, std::size_t) { wrote = ec; });
+  std::optional<close_report> rep;
+  s.async_close(close_policy::fin_close, [&](close_report r) { rep = std::move(r); });
+  // The peer does not read until the close happened.
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_FALSE(wrote.value_or(asio::error::timed_out));
+  EXPECT_EQ(rep->cause, close_cause::local_fin_close) << rep->describe();
+  EXPECT_EQ(rep->unread_at_close, 4u);
+  EXPECT_TRUE(rep->kernel_reset());
+  EXPECT_EQ(rep->time_wait, side::none);
+  const auto d = peer.drain();
+  EXPECT_LT(d.bytes, response.size());
+  EXPECT_EQ(d.error, ECONNRESET);
+}
+
+// abortive: RST and no FIN before it (the peer's first answer is ECONNRESET,
+// not EOF), unsent bytes gone, no TIME_WAIT anywhere.
+TEST_P(stream_test, abortive_close_sends_rst_not_fin_and_leaves_no_time_wait) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  const auto peer_port = peer.local_port();
+  const auto rep = close(s, close_policy::abortive);
+  EXPECT_EQ(rep.cause, close_cause::local_abort);
+  EXPECT_TRUE(rep.rst_sent);
+  EXPECT_EQ(rep.time_wait, side::none);
+  char c;
+  EXPECT_EQ(peer.recv_some(&c, 1), -ECONNRESET);
+  peer.close();
+  EXPECT_EQ(time_wait_count(factory_->port(), peer_port), 0u);
+}
+
+// A graceful close whose peer answers with its FIN leaves TIME_WAIT with us
+// (we sent the first FIN) — measured, not assumed.
+TEST_P(stream_test, graceful_close_leaves_time_wait_with_the_first_fin) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  const auto peer_port = peer.local_port();
+  std::optional<close_report> rep;
+  s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
+  EXPECT_EQ(s.state().current_phase(), phase::lingering);
+  EXPECT_TRUE(peer.drain().eof);
+  peer.close();
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->cause, close_cause::ours_then_peer_fin);
+  EXPECT_EQ(rep->time_wait, side::local);
+  EXPECT_EQ(time_wait_count(factory_->port(), peer_port), 1u);
+}
+
+// rst_if_safe after a complete exchange: the peer has every byte (Linux
+// delivers queued data before the reset), nobody keeps TIME_WAIT.
+TEST_P(stream_test, rst_if_safe_resets_after_a_complete_acknowledged_exchange) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  const auto peer_port = peer.local_port();
+  ASSERT_EQ(peer.send(std::string("req")), 3);
+  ASSERT_EQ(read_exactly(s, 3).second, "req");
+  const std::string response = pattern(1 << 20);
+  auto reader = std::async(std::launch::async, [&] {
+    std::string sink;
+    auto d = peer.drain(&sink);
+    return std::make_pair(d, sink);
+  });
+  EXPECT_FALSE(write_all(s, response));
+  s.mark_exchange_complete();
+  const auto rep = close(s, close_policy::rst_if_safe);
+  const auto [d, sink] = reader.get();
+  EXPECT_EQ(rep.cause, close_cause::safe_reset) << rep.describe();
+  EXPECT_EQ(rep.refusal, reset_refusal::none);
+  EXPECT_EQ(rep.unacked_at_close, 0u);
+  EXPECT_EQ(sink, response);
+  EXPECT_EQ(d.error, ECONNRESET);
+  peer.close();
+  EXPECT_EQ(time_wait_count(factory_->port(), peer_port), 0u);
+}
+
+// rst_if_safe refuses when the peer's bytes sit unread, and closes gracefully.
+TEST_P(stream_test, rst_if_safe_refuses_with_unread_input) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  s.mark_exchange_complete();
+  ASSERT_EQ(peer.send(std::string("pipelined")), 9);
+  ASSERT_TRUE(wait_unread(s, 9));
+  std::optional<close_report> rep;
+  s.async_close(close_policy::rst_if_safe, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
+  EXPECT_TRUE(peer.drain().eof);
+  peer.close();
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->refusal, reset_refusal::unread_input);
+  EXPECT_EQ(rep->cause, close_cause::ours_then_peer_fin);
+  EXPECT_EQ(rep->bytes_discarded, 9u);
+  EXPECT_FALSE(rep->rst_sent);
+}
+
+TEST_P(stream_test, rst_if_safe_refuses_without_a_complete_exchange) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  std::optional<close_report> rep;
+  s.async_close(close_policy::rst_if_safe, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
+  peer.close();
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->refusal, reset_refusal::exchange_incomplete);
+  EXPECT_FALSE(rep->rst_sent);
+}
+
+// A peer that never sends its FIN: the drain ends at the linger timeout with
+// a RST, and the report says which limit fired.
+TEST_P(stream_test, graceful_close_times_out_with_rst_when_peer_never_fins) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.linger_timeout = 200ms;
+  o.linger_max = 2s;
+  auto s = factory_->accept(o);
+  const auto rep = close(s, close_policy::graceful);
+  EXPECT_EQ(rep.cause, close_cause::linger_timeout) << rep.describe();
+  EXPECT_EQ(rep.drain, drain_end::timeout);
+  EXPECT_TRUE(rep.rst_sent);
+  EXPECT_GE(rep.drain_time, 200ms);
+  EXPECT_LT(rep.drain_time, 2s);
+  const auto d = peer.drain();
+  EXPECT_TRUE(d.eof);  // our FIN came first; the RST follows it
+}
+
+// The idle timer is re-armed while bytes move, but linger_max bounds the total.
+TEST_P(stream_test, graceful_drain_is_bounded_by_linger_max_while_bytes_trickle) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.linger_timeout = 300ms;
+  o.linger_max = 900ms;
+  auto s = factory_->accept(o);
+  std::atomic<bool> stop{false};
+  std::thread trickle([&] {
+    for (int i = 0; i < 200 && !stop; ++i) {
+      if (peer.send(std::string("x")) < 0) break;
+      std::this_thread::sleep_for(50ms);  // a slow sender, by design
+    }
+  });
+  const auto rep = close(s, close_policy::graceful);
+  stop = true;
+  trickle.join();
+  EXPECT_EQ(rep.cause, close_cause::linger_timeout) << rep.describe();
+  EXPECT_GE(rep.drain_time, 900ms);  // progress kept it alive past linger_timeout
+  EXPECT_LT(rep.drain_time, 1500ms);
+  EXPECT_GT(rep.bytes_discarded, 0u);
+}
+
+TEST_P(stream_test, graceful_drain_is_bounded_by_the_discard_budget) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.max_discard_bytes = 256 * 1024;
+  auto s = factory_->accept(o);
+  std::atomic<bool> stop{false};
+  std::thread flood([&] {
+    const std::string chunk(64 * 1024, 'f');
+    while (!stop && peer.send(chunk) > 0) {
+    }
+  });
+  const auto rep = close(s, close_policy::graceful);
+  stop = true;
+  flood.join();
+  EXPECT_EQ(rep.cause, close_cause::linger_limit) << rep.describe();
+  EXPECT_EQ(rep.drain, drain_end::byte_limit);
+  EXPECT_GT(rep.bytes_discarded, o.max_discard_bytes);
+  EXPECT_TRUE(rep.rst_sent);
+}
+
+// A peer reset after the exchange is an idle reset; after it the stream
+// never reports a FIN (DESIGN.md row 8).
+TEST_P(stream_test, peer_reset_while_idle_then_reads_stay_reset) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_EQ(peer.send(std::string("ping")), 4);
+  EXPECT_EQ(read_exactly(s, 4).second, "ping");
+  auto reader = std::async(std::launch::async, [&] {
+    char buf[4];
+    return peer.recv_some(buf, sizeof(buf));
+  });
+  EXPECT_FALSE(write_all(s, "pong"));
+  EXPECT_EQ(reader.get(), 4);
+  peer.reset();
+  auto [ec, got] = read_exactly(s, 1);
+  EXPECT_EQ(ec, asio::error::connection_reset);
+  ASSERT_TRUE(s.report().has_value());
+  EXPECT_EQ(s.report()->cause, close_cause::peer_reset_idle) << s.report()->describe();
+  EXPECT_TRUE(s.report()->rst_received);
+  EXPECT_EQ(s.report()->time_wait, side::none);
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::connection_reset);
+  EXPECT_EQ(s.state().read(), read_state::reset);
+  // async_close after the peer ended it completes with the same, single report.
+  const auto again = close(s, close_policy::graceful);
+  EXPECT_EQ(again.cause, close_cause::peer_reset_idle);
+}
+
+TEST_P(stream_test, peer_reset_with_request_unanswered_is_mid_exchange) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_EQ(peer.send(std::string("req")), 3);
+  EXPECT_EQ(read_exactly(s, 3).second, "req");
+  peer.reset();
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::connection_reset);
+  ASSERT_TRUE(s.report().has_value());
+  EXPECT_EQ(s.report()->cause, close_cause::peer_reset_mid_exchange);
+}
+
+// Our FIN goes out after the write in flight, never before it.
+TEST_P(stream_test, shutdown_write_waits_for_the_write_in_flight) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  const std::string data = pattern(8 << 20);
+  std::optional<error_code> wrote, shut;
+  asio::async_write(s, asio::buffer(data), [&](error_code ec, std::size_t) { wrote = ec; });
+  s.async_shutdown_write([&](error_code ec) { shut = ec; });
+  EXPECT_EQ(s.state().write(), write_state::flushing);
+  auto reader = std::async(std::launch::async, [&] {
+    std::string sink;
+    auto d = peer.drain(&sink);
+    return std::make_pair(d, sink);
+  });
+  ASSERT_TRUE(run_until(ioc_, [&] { return wrote.has_value() && shut.has_value(); }));
+  EXPECT_FALSE(*wrote);
+  EXPECT_FALSE(*shut);
+  const auto [d, sink] = reader.get();
+  EXPECT_TRUE(d.eof);
+  EXPECT_EQ(sink.size(), data.size());
+  EXPECT_TRUE(sink == data);
+  EXPECT_EQ(s.state().current_phase(), phase::local_half_closed);
+
+  // Row 5: a write after our FIN fails with EPIPE; the read side still works.
+  EXPECT_EQ(write_all(s, "late"), asio::error::broken_pipe);
+  ASSERT_EQ(peer.send(std::string("after")), 5);
+  EXPECT_EQ(read_exactly(s, 5).second, "after");
+  peer.close();
+  // Both FINs crossed, nothing to flush: the connection finished by itself.
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::eof);
+  ASSERT_TRUE(s.report().has_value());
+  EXPECT_EQ(s.report()->cause, close_cause::ours_then_peer_fin);
+  EXPECT_FALSE(s.report()->close_requested);
+}
+
+// Close twice: one report; an abort overrides a graceful close in progress.
+TEST_P(stream_test, close_twice_and_abort_during_graceful_give_one_report) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  int reports = 0;
+  s.on_close([&](const close_report&) { ++reports; });
+  std::optional<close_report> first, second, third;
+  s.async_close(close_policy::graceful, [&](close_report r) { first = std::move(r); });
+  s.async_close(close_policy::graceful, [&](close_report r) { second = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return s.state().draining(); }));
+  s.async_close(close_policy::abortive, [&](close_report r) { third = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return first && second && third; }));
+  EXPECT_EQ(reports, 1);
+  EXPECT_EQ(first->cause, close_cause::local_abort);
+  EXPECT_EQ(second->cause, close_cause::local_abort);
+  EXPECT_EQ(third->cause, close_cause::local_abort);
+  EXPECT_EQ(first->drain, drain_end::aborted);
+  // Our FIN went out before the RST: the peer reads EOF, then the reset.
+  char c;
+  EXPECT_EQ(peer.recv_some(&c, 1), 0);
+}
+
+// async_close takes over a pending application read.
+TEST_P(stream_test, close_cancels_the_pending_application_read) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  char buf[16];
+  std::optional<error_code> read_result;
+  s.async_read_some(asio::buffer(buf), [&](error_code ec, std::size_t) { read_result = ec; });
+  std::optional<close_report> rep;
+  s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return read_result.has_value(); }));
+  EXPECT_EQ(*read_result, asio::error::operation_aborted);
+  peer.close();
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->cause, close_cause::ours_then_peer_fin);
+}
+
+// The last reference dropped with operations pending: they complete, aborted.
+TEST_P(stream_test, destroying_the_stream_with_a_pending_read_is_safe) {
+  auto peer = factory_->connect();
+  std::optional<error_code> read_result;
+  {
+    auto s = factory_->accept();
+    static char buf[16];
+    s.async_read_some(asio::buffer(buf), [&](error_code ec, std::size_t) { read_result = ec; });
+  }
+  ASSERT_TRUE(run_until(ioc_, [&] { return read_result.has_value(); }));
+  EXPECT_EQ(*read_result, asio::error::operation_aborted);
+  EXPECT_TRUE(peer.drain().eof);
+}
+
+// Cancellation of a read by the caller reaches the socket.
+TEST_P(stream_test, caller_cancellation_reaches_the_read) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  asio::cancellation_signal cancel;
+  char buf[16];
+  std::optional<error_code> read_result;
+  s.async_read_some(asio::buffer(buf), asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, std::size_t) {
+                      read_result = ec;
+                    }));
+  ioc_.poll();
+  cancel.emit(asio::cancellation_type::terminal);
+  ASSERT_TRUE(run_until(ioc_, [&] { return read_result.has_value(); }));
+  EXPECT_EQ(*read_result, asio::error::operation_aborted);
+  EXPECT_FALSE(s.state().closing());
+}
+
+// Usable directly under Beast's HTTP reader and writer.
+TEST_P(stream_test, works_under_beast_http) {
+  namespace http = boost::beast::http;
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_GT(peer.send(std::string("GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")), 0);
+  boost::beast::flat_buffer buffer;
+  http::request<http::string_body> req;
+  std::optional<error_code> read_ec;
+  http::async_read(s, buffer, req, [&](error_code ec, std::size_t) { read_ec = ec; });
+  ASSERT_TRUE(run_until(ioc_, [&] { return read_ec.has_value(); }));
+  ASSERT_FALSE(*read_ec) << read_ec->message();
+  EXPECT_EQ(req.target(), "/x");
+  http::response<http::string_body> res{http::status::ok, 11};
+  res.body() = pattern(300000);
+  res.keep_alive(false);
+  res.prepare_payload();
+  std::optional<error_code> write_ec;
+  http::async_write(s, res, [&](error_code ec, std::size_t) { write_ec = ec; });
+  auto reader = std::async(std::launch::async, [&] {
+    std::string sink;
+    auto d = peer.drain(&sink);
+    peer.close();
+    return std::make_pair(d, sink);
+  });
+  ASSERT_TRUE(run_until(ioc_, [&] { return write_ec.has_value(); }));
+  EXPECT_FALSE(*write_ec);
+  s.mark_exchange_complete();
+  const auto rep = close(s, close_policy::graceful);
+  const auto [d, sink] = reader.get();
+  EXPECT_TRUE(d.eof);
+  EXPECT_NE(sink.find(res.body()), std::string::npos);
+  EXPECT_EQ(rep.cause, close_cause::ours_then_peer_fin) << rep.describe();
+}
+
+// The same stream over a Unix stream socket: half-close and graceful close.
+TEST(unix_stream, half_close_and_graceful_close) {
+  using unix_socket = asio::local::stream_protocol::socket;
+  asio::io_context ioc;
+  unix_socket a(ioc), b(ioc);
+  asio::local::connect_pair(a, b);
+  basic_stream<unix_socket> s(std::move(a));
+  basic_stream<unix_socket> peer(std::move(b));
+  std::optional<error_code> shut;
+  peer.async_shutdown_write([&](error_code ec) { shut = ec; });
+  std::string buf(8, '\0');
+  std::optional<error_code> got;
+  asio::async_read(s, asio::buffer(buf), [&](error_code ec, std::size_t) { got = ec; });
+  ASSERT_TRUE(run_until(ioc, [&] { return got.has_value() && shut.has_value(); }));
+  EXPECT_EQ(*got, asio::error::eof);
+  EXPECT_EQ(s.state().current_phase(), phase::remote_half_closed);
+  std::optional<error_code> wrote;
+  asio::async_write(s, asio::buffer(std::string_view("reply")), [&](error_code ec, std::size_t) { wrote = ec; });
+  std::string in(5, '\0');
+  std::optional<error_code> peer_read;
+  asio::async_read(peer, asio::buffer(in), [&](error_code ec, std::size_t) { peer_read = ec; });
+  ASSERT_TRUE(run_until(ioc, [&] { return wrote.has_value() && peer_read.has_value(); }));
+  EXPECT_FALSE(*wrote);
+  EXPECT_EQ(in, "reply");
+  std::optional<close_report> rep;
+  s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->cause, close_cause::peer_fin_then_ours) << rep->describe();
+  EXPECT_EQ(rep->final_state, tcp_state::unknown);  // not TCP: no TCP_INFO
+}
+
+}  // namespace
