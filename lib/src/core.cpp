@@ -117,6 +117,9 @@ side connection_state::time_wait_holder() const noexcept {
 }
 
 actions connection_state::finish(close_cause c) noexcept {
+  // A drain that ends without a peer FIN, a timeout, a byte limit or an abort
+  // was cut short by an error; drain_end::none would claim there was no drain.
+  if (draining_ && drain_end_ == drain_end::none) drain_end_ = drain_end::error;
   finished_ = true;
   closing_ = true;
   draining_ = false;
@@ -162,11 +165,11 @@ step connection_state::on_peer_gone(io_error e, bool from_write) noexcept {
     default:
       break;
   }
+  // Classify while the failed write still counts as in flight: output in
+  // flight when the RST came is a mid-exchange reset.
   const close_cause c = classify(e, *this);
-  if (e == io_error::reset) {
-    read_ = read_state::reset;
-    if (draining_) drain_end_ = drain_end::error;
-  }
+  if (from_write) --writes_in_flight_;
+  if (e == io_error::reset) read_ = read_state::reset;
   write_ = write_state::broken;
   return {true, {}, finish(c)};
 }
@@ -291,8 +294,8 @@ step connection_state::on(const event& e) noexcept {
     }
 
     case k::write_error:
+      // on_peer_gone retires the write only once the error is known to be legal.
       if (writes_in_flight_ == 0) return reject("no write in flight");
-      --writes_in_flight_;
       return on_peer_gone(e.error, true);
 
     case k::shutdown_write:
@@ -323,6 +326,8 @@ step connection_state::on(const event& e) noexcept {
       return {};
 
     case k::local_error:
+      // A finished connection must always say why it ended.
+      if (e.cause == close_cause::none) return reject("a local error needs a cause");
       return {true, {}, finish(e.cause)};
   }
   return reject("unknown event");
@@ -336,7 +341,9 @@ close_cause classify(io_error e, const connection_state& s) noexcept {
     case io_error::eof:
       if (s.read() == read_state::reset)
         return s.mid_exchange() ? close_cause::peer_reset_mid_exchange : close_cause::peer_reset_idle;
-      return s.write() == write_state::fin_sent ? close_cause::ours_then_peer_fin : close_cause::peer_fin_then_ours;
+      // Whose FIN went first decides, not write(): once the peer's FIN has been
+      // answered, write() is fin_sent although the peer went first.
+      return s.first_fin() == side::local ? close_cause::ours_then_peer_fin : close_cause::peer_fin_then_ours;
     case io_error::reset:
       return s.mid_exchange() ? close_cause::peer_reset_mid_exchange : close_cause::peer_reset_idle;
     case io_error::broken_pipe:

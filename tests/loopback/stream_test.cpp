@@ -506,6 +506,57 @@ TEST_P(stream_test, caller_cancellation_reaches_the_read) {
   EXPECT_FALSE(s.state().closing());
 }
 
+// Per-operation timeouts: an idle peer, a peer stuck mid-request, a peer
+// that never reads. Each read or write fails with timed_out within its bound,
+// the connection stays usable for a policy close, and the report says which.
+TEST_P(stream_test, idle_timeout_fails_a_read_waiting_for_a_new_exchange) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.idle_timeout = 150ms;
+  o.read_timeout = 5s;
+  auto s = factory_->accept(o);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::timed_out);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(took, 150ms);
+  EXPECT_LT(took, 2s);
+  EXPECT_FALSE(s.state().closing());
+  peer.close();
+  const auto rep = close(s, close_policy::graceful);
+  EXPECT_EQ(rep.timeout, timeout_kind::idle);
+  EXPECT_EQ(rep.cause, close_cause::ours_then_peer_fin);
+}
+
+TEST_P(stream_test, read_timeout_applies_mid_exchange) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.idle_timeout = 5s;
+  o.read_timeout = 150ms;
+  auto s = factory_->accept(o);
+  ASSERT_EQ(peer.send(std::string("GET / HT")), 8);
+  EXPECT_EQ(read_exactly(s, 8).second, "GET / HT");
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::timed_out);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+  const auto rep = close(s, close_policy::abortive);
+  EXPECT_EQ(rep.timeout, timeout_kind::read);
+}
+
+TEST_P(stream_test, write_timeout_fails_a_write_to_a_peer_that_never_reads) {
+  auto peer = factory_->connect(4096);
+  stream_options o;
+  o.write_timeout = 200ms;
+  auto s = factory_->accept(o);
+  const std::string big = pattern(32 << 20);
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(write_all(s, big), asio::error::timed_out);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  EXPECT_EQ(s.state().writes_in_flight(), 0u);
+  const auto rep = close(s, close_policy::abortive);
+  EXPECT_EQ(rep.timeout, timeout_kind::write);
+  EXPECT_GT(rep.unacked_at_close, 0u);  // what the abort threw away
+}
+
 // Usable directly under Beast's HTTP reader and writer.
 TEST_P(stream_test, works_under_beast_http) {
   namespace http = boost::beast::http;

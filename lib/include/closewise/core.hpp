@@ -39,7 +39,7 @@ enum class phase : std::uint8_t {
   established,         ///< both directions open
   remote_half_closed,  ///< peer FIN seen, we may still write (TCP CLOSE_WAIT)
   local_half_closed,   ///< our FIN sent, the peer may still write (FIN_WAIT)
-  lingering,           ///< graceful close: our FIN sent, discarding input until the peer's FIN
+  lingering,           ///< graceful close: discarding input until the peer's FIN (our FIN sent, or due after the flush)
   closed,              ///< the descriptor is closed (or both FINs crossed) without a reset
   reset,               ///< a RST ended it, sent or received
 };
@@ -99,7 +99,7 @@ enum class drain_end : std::uint8_t {
   peer_fin,    ///< the peer's FIN arrived
   timeout,     ///< the linger time ran out
   byte_limit,  ///< the discard budget ran out
-  error,       ///< a read error (reset) ended it
+  error,       ///< an error ended it: a read or write error (e.g. a reset) or a local error
   aborted,     ///< an abortive close overrode it
 };
 

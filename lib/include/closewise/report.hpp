@@ -10,6 +10,10 @@
 
 namespace closewise {
 
+/// Which per-operation timeout of a stream fired (see stream_options).
+enum class timeout_kind : std::uint8_t { none, idle, read, write };
+std::string_view to_string(timeout_kind) noexcept;
+
 /// Why and how one connection ended. Produced exactly once per connection,
 /// by `basic_stream::async_close` (or by the stream itself when the peer's
 /// reset or both FINs ended the connection first).
@@ -35,6 +39,7 @@ struct close_report {
   std::uint64_t unacked_at_close = 0;
   tcp_state final_state = tcp_state::unknown;  ///< TCP_INFO state just before the descriptor was closed
   std::string error;                           ///< the error that ended it, if any (message text)
+  timeout_kind timeout = timeout_kind::none;   ///< the operation timeout that fired before the close, if any
 
   /// True when the kernel turned our close into a RST because input was unread.
   bool kernel_reset() const noexcept { return unread_at_close > 0 && !rst_sent; }

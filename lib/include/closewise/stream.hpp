@@ -79,6 +79,14 @@ struct stream_options {
   std::chrono::milliseconds safe_reset_wait{1000};
   /// Size of the buffer the drain reads into, allocated only while draining.
   std::size_t drain_buffer_size = 16 * 1024;
+  /// A read waiting for a new exchange (no input unanswered, no write in
+  /// flight) fails with asio::error::timed_out after this long. 0: no limit.
+  std::chrono::milliseconds idle_timeout{0};
+  /// A read in the middle of an exchange fails with timed_out after this long
+  /// without a byte. 0: no limit.
+  std::chrono::milliseconds read_timeout{0};
+  /// A write_some that moves no byte for this long fails with timed_out. 0: no limit.
+  std::chrono::milliseconds write_timeout{0};
 };
 
 namespace detail {
@@ -99,7 +107,9 @@ struct stream_impl {
         opts(o),
         deadline(next.get_executor()),
         finished_signal(next.get_executor()),
-        fin_signal(next.get_executor()) {
+        fin_signal(next.get_executor()),
+        read_watch(next.get_executor()),
+        write_watch(next.get_executor()) {
     finished_signal.expires_at(clock::time_point::max());
     fin_signal.expires_at(clock::time_point::max());
   }
@@ -111,8 +121,26 @@ struct stream_impl {
   asio::steady_timer deadline;         // teardown deadline (flush, drain, safe-reset wait)
   asio::steady_timer finished_signal;  // never expires; cancelled when the connection finished
   asio::steady_timer fin_signal;       // never expires; cancelled when our FIN went out (or it never will)
-  asio::cancellation_signal read_cancel;  // cancels the application's read when a close takes over
+  asio::cancellation_signal read_cancel;   // cancels the application's read (close takeover, timeout)
+  asio::cancellation_signal write_cancel;  // cancels the application's write (timeout)
   bool app_read_in_flight = false;
+  bool app_write_in_flight = false;
+
+  // Per-operation timeouts. One timer per direction, armed lazily: a
+  // completed operation does not cancel it; the handler re-checks the
+  // deadline of whatever operation is in flight when it fires.
+  struct watch {
+    clock::time_point deadline = clock::time_point::max();
+    std::uint64_t generation = 0;
+    bool armed = false;
+    bool fired = false;  // the operation in flight was cancelled by this timeout
+    timeout_kind kind = timeout_kind::none;
+  };
+  asio::steady_timer read_watch;
+  asio::steady_timer write_watch;
+  watch read_w;
+  watch write_w;
+  timeout_kind timed_out = timeout_kind::none;
   bool close_requested = false;
   clock::time_point close_started{};
   clock::time_point idle_deadline{};
@@ -172,8 +200,11 @@ struct stream_impl {
     r.final_state = last.state;
     if (r.kernel_reset()) r.time_wait = side::none;  // the kernel answered our close with RST
     if (last_error) r.error = last_error.message();
+    r.timeout = timed_out;
     report = std::move(r);
     deadline.cancel();
+    read_watch.cancel();
+    write_watch.cancel();
     finished_signal.cancel();
     fin_signal.cancel();
     const bool loud = report->rst_sent || report->rst_received || report->kernel_reset() ||
@@ -189,7 +220,7 @@ struct stream_impl {
   // Feeds a read completion: bytes first, then EOF or the error.
   void on_read(const error_code& ec, std::size_t n) {
     if (n > 0) feed(event::read(n));
-    if (!ec || ec == asio::error::operation_aborted) return;
+    if (!ec || ec == asio::error::operation_aborted) return;  // a local cancellation ends nothing
     if (ec == asio::error::eof) {
       feed(event::read_eof());
       return;
@@ -227,6 +258,51 @@ struct stream_impl {
       }
       self->feed(event::timer_fired());
     });
+  }
+
+  // Starts the clock of an application operation in one direction.
+  void start_watch(std::shared_ptr<stream_impl> self, bool reading) {
+    watch& w = reading ? read_w : write_w;
+    std::chrono::milliseconds limit = opts.write_timeout;
+    w.kind = timeout_kind::write;
+    if (reading) {
+      const bool idle = !core.mid_exchange();
+      limit = idle ? opts.idle_timeout : opts.read_timeout;
+      w.kind = idle ? timeout_kind::idle : timeout_kind::read;
+    }
+    w.fired = false;
+    w.deadline = limit.count() > 0 ? clock::now() + limit : clock::time_point::max();
+    if (w.deadline != clock::time_point::max()) arm_watch(std::move(self), reading);
+  }
+
+  void arm_watch(std::shared_ptr<stream_impl> self, bool reading) {
+    watch& w = reading ? read_w : write_w;
+    asio::steady_timer& t = reading ? read_watch : write_watch;
+    if (w.armed && t.expiry() <= w.deadline) return;  // fires earlier and re-checks then
+    w.armed = true;
+    t.expires_at(w.deadline);
+    t.async_wait([self = std::move(self), reading, gen = ++w.generation](const error_code& ec) mutable {
+      auto& impl = *self;
+      watch& w = reading ? impl.read_w : impl.write_w;
+      if (ec || gen != w.generation) return;
+      w.armed = false;
+      const bool in_flight = reading ? impl.app_read_in_flight : impl.app_write_in_flight;
+      if (!in_flight || w.deadline == clock::time_point::max() || impl.core.finished()) return;
+      if (clock::now() < w.deadline) return impl.arm_watch(std::move(self), reading);
+      w.fired = true;
+      impl.timed_out = w.kind;
+      impl.log(spdlog::level::info, "{} timeout", to_string(w.kind));
+      (reading ? impl.read_cancel : impl.write_cancel).emit(asio::cancellation_type::terminal);
+    });
+  }
+
+  // Ends an application operation's clock; maps its own cancellation by a
+  // timeout onto asio::error::timed_out.
+  void stop_watch(bool reading, error_code& ec) noexcept {
+    watch& w = reading ? read_w : write_w;
+    w.deadline = clock::time_point::max();
+    if (w.fired && ec == asio::error::operation_aborted) ec = asio::error::timed_out;
+    w.fired = false;
   }
 
   template <class... Args>
@@ -363,6 +439,7 @@ class basic_stream {
           }
           stage = reading;
           impl->app_read_in_flight = true;
+          impl->start_watch(impl, true);
           // The caller's cancellation reaches the socket through our own
           // signal, which async_close also uses to take over the read side.
           if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
@@ -373,6 +450,7 @@ class basic_stream {
         case reading:
           impl->app_read_in_flight = false;
           impl->on_read(ec, n);
+          impl->stop_watch(true, ec);  // our own timeout: timed_out, not operation_aborted
           self.complete(ec, n);
           return;
         case posted:
@@ -398,14 +476,23 @@ class basic_stream {
           return;
         }
         counted = impl->feed(event::write_start(asio::buffer_size(buffers))).accepted;
-        impl->next.async_write_some(buffers, std::move(self));
+        impl->app_write_in_flight = true;
+        impl->start_watch(impl, false);
+        if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
+          slot.assign([sig = &impl->write_cancel](asio::cancellation_type t) { sig->emit(t); });
+        }
+        impl->next.async_write_some(buffers,
+                                    asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
         return;
       }
+      impl->app_write_in_flight = false;
+      const error_code raw = ec;
+      impl->stop_watch(false, ec);
       if (!counted) {
         self.complete(ec, n);
         return;
       }
-      if (ec && ec != asio::error::operation_aborted) {
+      if (raw && raw != asio::error::operation_aborted) {
         impl->note_error(ec);
         impl->feed(event::write_failed(to_io_error(ec)));
         self.complete(ec, n);
