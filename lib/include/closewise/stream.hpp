@@ -360,6 +360,9 @@ class basic_stream {
   const stream_options& options() const noexcept { return impl_->opts; }
   void set_options(const stream_options& o) noexcept { impl_->opts = o; }
 
+  /// True while an application read is in flight (the connection waits for input).
+  bool read_pending() const noexcept { return impl_->app_read_in_flight; }
+
   /// The kernel's view now: TCP state, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD.
   socket_probe probe() const noexcept { return closewise::probe(impl_->fd()); }
 

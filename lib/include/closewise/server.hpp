@@ -1,0 +1,166 @@
+#pragma once
+// closewise::server: listeners, I/O threads, per-connection sessions,
+// limits, graceful drain and teardown statistics.
+//
+// The application supplies a session: a coroutine that receives one
+// `connection` and returns when it is done with it. The server then ends the
+// connection through the connection's close policy (graceful by default) and
+// counts the close report. A connection lives on one I/O thread from accept
+// to close, so a session never needs a lock for its own connection.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include "closewise/stats.hpp"
+#include "closewise/stream.hpp"
+
+namespace closewise {
+
+/// The socket type of server and client connections: one type for TCP and
+/// Unix stream sockets.
+using socket = asio::generic::stream_protocol::socket;
+/// The closewise stream over it.
+using stream = basic_stream<socket>;
+
+/// What the server does with a connection that arrives at the connection limit.
+enum class overflow_action : std::uint8_t {
+  /// Stop accepting until a connection closes: newcomers wait in the kernel's
+  /// listen backlog (bounded by `backlog`) and are served in turn. Counted
+  /// once per pause. The default: nothing is refused that could be served.
+  pause_accept,
+  /// Accept and reset at once (RST, no TIME_WAIT): the client learns
+  /// immediately. Counted per connection.
+  reject,
+};
+
+/// Server configuration.
+struct server_options {
+  std::vector<std::string> listen;      ///< "HOST:PORT" (port 0: any free port), e.g. "127.0.0.1:0", "[::1]:8080"
+  std::vector<std::string> unix_paths;  ///< Unix stream socket paths (an existing socket file is replaced)
+  unsigned threads = 0;                 ///< I/O threads; 0: hardware concurrency
+  stream_options stream{};              ///< per-connection timeouts and teardown limits
+  close_policy policy = close_policy::graceful;  ///< how the server ends connections by default
+  std::size_t max_connections = 10000;
+  overflow_action overflow = overflow_action::pause_accept;
+  std::size_t write_high_watermark = 1 << 20;  ///< above this many queued bytes, reading pauses
+  std::size_t write_low_watermark = 256 << 10; ///< reading resumes below this
+  std::chrono::milliseconds drain_timeout{10000};  ///< drain: force (RST) what is still open after this
+  std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
+  int backlog = 1024;
+  bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
+};
+
+class server;
+struct connection_impl;
+
+/// One accepted connection, as its session sees it. Lives on one I/O thread;
+/// every member must be called from the session (or its thread).
+class connection {
+ public:
+  /// The AsyncStream: use it directly, e.g. under beast::http::async_read.
+  stream& io() noexcept;
+  const connection_state& state() const noexcept;
+  /// "HOST:PORT" of the peer, or "unix" for a Unix socket.
+  const std::string& peer() const noexcept;
+  std::uint64_t id() const noexcept;
+
+  /// True once the server drains: finish the exchange in progress (HTTP:
+  /// answer with Connection: close) and return.
+  bool draining() const noexcept;
+
+  /// How the server closes this connection when the session returns.
+  void set_close_policy(close_policy p) noexcept;
+  close_policy policy() const noexcept;
+
+  /// Reads some bytes; completes with asio::error::eof for the peer's FIN
+  /// (the write side stays open), timed_out for the idle/read timeout. While
+  /// more than the high watermark is queued for writing it first waits until
+  /// the queue drains below the low watermark (backpressure).
+  asio::awaitable<std::pair<error_code, std::size_t>> read_some(asio::mutable_buffer b);
+  /// Writes the whole buffer (after anything queued by `send`).
+  asio::awaitable<error_code> write(asio::const_buffer b);
+  /// Queues bytes; a writer sends them in order. Check `queued()` or await
+  /// `flush()`; `read_some` applies the watermarks.
+  void send(std::string bytes);
+  std::size_t queued() const noexcept;
+  /// Waits until everything queued was written; the first write error.
+  asio::awaitable<error_code> flush();
+  /// Flushes, then sends our FIN. The read side stays open.
+  asio::awaitable<error_code> shutdown_write();
+  /// Marks the exchange complete (see basic_stream::mark_exchange_complete).
+  void mark_exchange_complete();
+  /// Ends the connection now with `p` and returns the report (the server
+  /// does not close it again).
+  asio::awaitable<close_report> close(close_policy p);
+
+  explicit connection(std::shared_ptr<connection_impl> impl) noexcept : impl_(std::move(impl)) {}
+
+ private:
+  std::shared_ptr<connection_impl> impl_;
+};
+
+/// The application's session: runs once per connection.
+using session_handler = std::function<asio::awaitable<void>(connection&)>;
+/// Called on the connection's thread with every close report.
+using close_observer = std::function<void(const connection&, const close_report&)>;
+
+/// A multi-threaded server.
+///
+/// Thread-safety: `start`, `run` and the destructor from one thread;
+/// `drain`, `stop`, `stats` and `local_endpoints` from any thread.
+class server {
+ public:
+  server(server_options opts, session_handler session);
+  ~server();
+  server(const server&) = delete;
+  server& operator=(const server&) = delete;
+
+  /// Opens the listeners. Throws std::system_error on setup errors (bad
+  /// address, port in use).
+  void start();
+  /// The bound endpoints, "HOST:PORT" with the real port (and "unix:PATH").
+  std::vector<std::string> local_endpoints() const;
+  /// Runs the I/O threads (the calling thread is one of them) until a drain
+  /// finished or `stop` was called.
+  void run();
+  /// Stops accepting, lets sessions finish their exchange, closes idle
+  /// connections gracefully and resets what is left at the drain deadline.
+  /// `run` returns when every connection is gone.
+  void drain();
+  /// Stops everything now (connections are closed by their destructors).
+  void stop();
+
+  /// Sets an observer of every close report (before `start`).
+  void on_close(close_observer f);
+
+  const server_stats& stats() const noexcept;
+  /// Connections forced at the drain deadline in the last drain.
+  std::uint64_t forced_in_drain() const noexcept;
+
+  struct impl;
+
+ private:
+  std::shared_ptr<impl> impl_;
+};
+
+/// Parses "HOST:PORT" / "[V6]:PORT" into a TCP endpoint; throws std::invalid_argument.
+asio::ip::tcp::endpoint parse_endpoint(const std::string& text);
+/// "HOST:PORT" of a TCP endpoint ("[::1]:80" for IPv6).
+std::string to_string(const asio::ip::tcp::endpoint& e);
+
+/// Connects to "HOST:PORT" (numeric host) within `timeout`; the result is a
+/// closewise stream with `opts`. Errors are values (timed_out on timeout).
+asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex, std::string target,
+                                                                      std::chrono::milliseconds timeout,
+                                                                      stream_options opts = {});
+
+}  // namespace closewise

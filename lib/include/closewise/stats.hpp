@@ -1,0 +1,97 @@
+#pragma once
+// Teardown statistics: how connections ended, counted per server.
+//
+// Thread-safety: `server_stats` is updated from every I/O thread with relaxed
+// atomics and read with `snapshot()` from any thread; a snapshot is a plain
+// value (each counter exact, the set not taken atomically as a whole).
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "closewise/core.hpp"
+#include "closewise/report.hpp"
+
+namespace closewise {
+
+/// Accept errors by kind.
+enum class accept_error : std::uint8_t {
+  emfile,       ///< EMFILE: this process is out of descriptors (backed off)
+  enfile,       ///< ENFILE: the system is out of descriptors (backed off)
+  nobufs,       ///< ENOBUFS / ENOMEM: out of kernel memory (backed off)
+  aborted,      ///< ECONNABORTED: the client reset before we accepted (survived)
+  protocol,     ///< EPROTO and the network errors accept(2) passes on (survived)
+  other,        ///< anything else (survived, backed off)
+};
+inline constexpr std::size_t accept_error_count = 6;
+std::string_view to_string(accept_error) noexcept;
+
+inline constexpr std::size_t close_cause_count = 13;
+inline constexpr std::size_t timeout_kind_count = 4;
+
+/// A copy of the counters at one moment.
+struct stats_snapshot {
+  std::uint64_t accepted = 0;
+  std::uint64_t open = 0;
+  std::uint64_t closed = 0;
+  std::array<std::uint64_t, close_cause_count> closed_by_cause{};  ///< indexed by close_cause
+  std::uint64_t fin_first_local = 0;   ///< we sent the first FIN
+  std::uint64_t fin_first_peer = 0;    ///< the peer sent the first FIN
+  std::uint64_t time_wait_local = 0;   ///< connections that left TIME_WAIT on our side
+  std::uint64_t time_wait_peer = 0;    ///< connections that left TIME_WAIT on the peer's side
+  std::uint64_t rst_sent = 0;          ///< RSTs we sent (policy, limits)
+  std::uint64_t rst_received = 0;      ///< RSTs the peer sent
+  std::uint64_t kernel_resets = 0;     ///< closes the kernel turned into RST (unread input)
+  std::uint64_t bytes_in = 0;
+  std::uint64_t bytes_out = 0;
+  std::uint64_t bytes_discarded = 0;   ///< read and thrown away while draining
+  std::array<std::uint64_t, timeout_kind_count> timeouts{};  ///< indexed by timeout_kind (none unused)
+  std::uint64_t linger_timeouts = 0;   ///< graceful drains cut by time
+  std::uint64_t linger_limits = 0;     ///< graceful drains cut by the byte budget
+  std::uint64_t limit_rejected = 0;    ///< connections refused over the connection limit
+  std::uint64_t limit_paused = 0;      ///< times accepting paused at the connection limit
+  std::array<std::uint64_t, accept_error_count> accept_errors{};  ///< indexed by accept_error
+  std::uint64_t drain_closed = 0;      ///< idle connections closed gracefully by a drain
+  std::uint64_t drain_forced = 0;      ///< connections reset at the drain deadline
+};
+
+/// The counters of one server.
+class server_stats {
+ public:
+  /// Counts one finished connection.
+  void record(const close_report& r) noexcept;
+  void accepted() noexcept { add(accepted_); add(open_); }
+  void accept_failed(accept_error e) noexcept { add(accept_errors_[static_cast<std::size_t>(e)]); }
+  void limit_rejected() noexcept { add(limit_rejected_); }
+  void limit_paused() noexcept { add(limit_paused_); }
+  void drain_closed() noexcept { add(drain_closed_); }
+  void drain_forced() noexcept { add(drain_forced_); }
+  /// A rejected connection never opened: undo `accepted()`'s open count.
+  void rejected_open() noexcept { open_.fetch_sub(1, std::memory_order_relaxed); }
+  std::uint64_t open() const noexcept { return open_.load(std::memory_order_relaxed); }
+
+  stats_snapshot snapshot() const noexcept;
+
+ private:
+  using counter = std::atomic<std::uint64_t>;
+  static void add(counter& c, std::uint64_t n = 1) noexcept { c.fetch_add(n, std::memory_order_relaxed); }
+
+  counter accepted_{0}, open_{0}, closed_{0};
+  std::array<counter, close_cause_count> by_cause_{};
+  counter fin_first_local_{0}, fin_first_peer_{0}, time_wait_local_{0}, time_wait_peer_{0};
+  counter rst_sent_{0}, rst_received_{0}, kernel_resets_{0};
+  counter bytes_in_{0}, bytes_out_{0}, bytes_discarded_{0};
+  std::array<counter, timeout_kind_count> timeouts_{};
+  counter linger_timeouts_{0}, linger_limits_{0};
+  counter limit_rejected_{0}, limit_paused_{0};
+  std::array<counter, accept_error_count> accept_errors_{};
+  counter drain_closed_{0}, drain_forced_{0};
+};
+
+/// The snapshot as one JSON object (stable key names, documented in docs/).
+std::string to_json(const stats_snapshot& s);
+/// The snapshot in Prometheus text exposition format, metric names prefixed `closewise_`.
+std::string to_prometheus(const stats_snapshot& s);
+
+}  // namespace closewise

@@ -1,0 +1,479 @@
+#include "closewise/server.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <stdexcept>
+#include <system_error>
+#include <thread>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <fmt/format.h>
+
+namespace closewise {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+using acceptor_type = asio::basic_socket_acceptor<asio::generic::stream_protocol>;
+
+// A steady_timer used as a condition: waits "forever" until cancelled.
+void arm_forever(asio::steady_timer& t) { t.expires_at(clock::time_point::max()); }
+
+accept_error classify_accept(const error_code& ec) {
+  switch (ec.value()) {
+    case EMFILE: return accept_error::emfile;
+    case ENFILE: return accept_error::enfile;
+    case ENOBUFS:
+    case ENOMEM: return accept_error::nobufs;
+    case ECONNABORTED: return accept_error::aborted;
+    // accept(2): "already-pending network errors" to be treated like EAGAIN.
+    case EPROTO:
+    case ENOPROTOOPT:
+    case EHOSTDOWN:
+    case ENONET:
+    case EHOSTUNREACH:
+    case EOPNOTSUPP:
+    case ENETUNREACH:
+    case ENETDOWN:
+    case EPERM: return accept_error::protocol;
+    default: return accept_error::other;
+  }
+}
+
+}  // namespace
+
+struct worker {
+  asio::io_context ioc{1};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard{ioc.get_executor()};
+  std::list<connection_impl*> connections;  // touched only on this worker's thread
+  asio::steady_timer drain_tick{ioc};
+};
+
+struct connection_impl {
+  connection_impl(stream s, std::string p, server::impl* srv, worker* w, close_policy policy)
+      : io(std::move(s)), peer(std::move(p)), owner(srv), home(w), policy(policy), queue_signal(io.get_executor()) {
+    arm_forever(queue_signal);
+  }
+
+  stream io;
+  std::string peer;
+  server::impl* owner;
+  worker* home;
+  close_policy policy;
+  std::list<connection_impl*>::iterator registration{};
+  // Queued writes (connection::send) and the writer draining them.
+  std::deque<std::string> queue;
+  std::size_t queued_bytes = 0;
+  bool writer_running = false;
+  error_code write_error;
+  asio::steady_timer queue_signal;  // cancelled whenever the queue shrank or failed
+  bool drained = false;             // closed by a drain while idle
+  bool forced = false;              // reset at the drain deadline
+};
+
+struct server::impl : std::enable_shared_from_this<server::impl> {
+  impl(server_options o, session_handler s) : opts(std::move(o)), session(std::move(s)) {
+    const unsigned n = opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 0; i < n; ++i) workers.push_back(std::make_unique<worker>());
+  }
+
+  server_options opts;
+  session_handler session;
+  close_observer observer;
+  std::vector<std::unique_ptr<worker>> workers;
+  std::vector<std::unique_ptr<acceptor_type>> acceptors;
+  std::vector<std::string> endpoints;
+  std::vector<std::string> unix_files;
+  server_stats counters;
+  std::atomic<bool> draining{false};
+  std::atomic<bool> paused{false};
+  std::atomic<std::uint64_t> forced{0};
+  std::size_t next_worker = 0;  // touched only by the accept loops (worker 0)
+  std::optional<asio::steady_timer> slot_free;  // on worker 0: wakes paused accept loops
+  std::optional<asio::signal_set> signals;
+
+  worker& acceptor_home() { return *workers.front(); }
+
+  void release_all() {
+    for (auto& w : workers) asio::post(w->ioc, [w = w.get()] { w->guard.reset(); });
+  }
+
+  // Runs on the worker that owned the connection, after its close report.
+  void connection_done(const std::shared_ptr<connection_impl>& c, const close_report& r) {
+    counters.record(r);
+    if (c->drained) counters.drain_closed();
+    if (c->forced) counters.drain_forced();
+    if (observer) observer(connection(c), r);
+    if (paused.exchange(false)) {
+      asio::post(acceptor_home().ioc, [self = shared_from_this()] {
+        if (self->slot_free) self->slot_free->cancel();
+      });
+    }
+    if (draining && counters.open() == 0) release_all();
+  }
+
+  void start_drain() {
+    if (draining.exchange(true)) return;
+    asio::post(acceptor_home().ioc, [self = shared_from_this()] {
+      for (auto& a : self->acceptors) {
+        error_code ignored;
+        a->close(ignored);
+      }
+      if (self->slot_free) self->slot_free->cancel();
+      if (self->signals) self->signals->cancel();
+      if (self->counters.open() == 0) self->release_all();
+    });
+    const auto deadline = clock::now() + opts.drain_timeout;
+    for (auto& w : workers) {
+      asio::post(w->ioc, [self = shared_from_this(), w = w.get(), deadline] { self->drain_pass(*w, deadline); });
+    }
+  }
+
+  // Closes idle connections gracefully; at the deadline resets the rest.
+  // Repeats while connections remain: a session that finishes its exchange
+  // after the first pass goes idle later.
+  void drain_pass(worker& w, clock::time_point deadline) {
+    const bool force = clock::now() >= deadline;
+    for (connection_impl* c : w.connections) {
+      if (c->io.state().closing()) continue;
+      if (force) {
+        c->forced = true;
+        forced.fetch_add(1, std::memory_order_relaxed);
+        c->io.async_close(close_policy::abortive, [](close_report) {});
+      } else if (c->io.read_pending() && !c->io.state().mid_exchange()) {
+        c->drained = true;
+        c->io.async_close(close_policy::graceful, [](close_report) {});
+      }
+    }
+    if (w.connections.empty()) return;
+    w.drain_tick.expires_after(std::chrono::milliseconds(20));
+    w.drain_tick.async_wait([self = shared_from_this(), &w, deadline](const error_code& ec) {
+      if (!ec) self->drain_pass(w, deadline);
+    });
+  }
+};
+
+// ---- connection -----------------------------------------------------------
+
+stream& connection::io() noexcept { return impl_->io; }
+const connection_state& connection::state() const noexcept { return impl_->io.state(); }
+const std::string& connection::peer() const noexcept { return impl_->peer; }
+std::uint64_t connection::id() const noexcept { return impl_->io.id(); }
+bool connection::draining() const noexcept { return impl_->owner->draining.load(std::memory_order_relaxed); }
+void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
+close_policy connection::policy() const noexcept { return impl_->policy; }
+std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
+void connection::mark_exchange_complete() { impl_->io.mark_exchange_complete(); }
+
+namespace {
+
+// The writer of one connection's queue: a named coroutine taking its state
+// by value (no capturing lambda coroutines: g++ 12, asio#858).
+asio::awaitable<void> run_writer(std::shared_ptr<connection_impl> c) {
+  while (!c->queue.empty() && !c->write_error) {
+    auto [ec, n] = co_await asio::async_write(c->io, asio::buffer(c->queue.front()), use_tuple);
+    if (ec) {
+      c->write_error = ec;
+      break;
+    }
+    c->queued_bytes -= c->queue.front().size();
+    c->queue.pop_front();
+    c->queue_signal.cancel();
+    arm_forever(c->queue_signal);
+  }
+  if (c->write_error) {
+    c->queue.clear();
+    c->queued_bytes = 0;
+  }
+  c->writer_running = false;
+  c->queue_signal.cancel();
+  arm_forever(c->queue_signal);
+}
+
+// Waits until the queue holds at most `limit` bytes (or a write failed).
+asio::awaitable<error_code> wait_queue_below(connection_impl& c, std::size_t limit) {
+  while (c.queued_bytes > limit && !c.write_error) {
+    co_await c.queue_signal.async_wait(use_tuple);
+  }
+  co_return c.write_error;
+}
+
+}  // namespace
+
+void connection::send(std::string bytes) {
+  if (bytes.empty() || impl_->write_error) return;
+  impl_->queued_bytes += bytes.size();
+  impl_->queue.push_back(std::move(bytes));
+  if (!impl_->writer_running) {
+    impl_->writer_running = true;
+    asio::co_spawn(impl_->io.get_executor(), run_writer(impl_), asio::detached);
+  }
+}
+
+asio::awaitable<error_code> connection::flush() { co_return co_await wait_queue_below(*impl_, 0); }
+
+asio::awaitable<std::pair<error_code, std::size_t>> connection::read_some(asio::mutable_buffer b) {
+  auto& c = *impl_;
+  if (c.queued_bytes > c.owner->opts.write_high_watermark) {
+    // Backpressure: stop reading until the peer takes what we owe it.
+    if (auto ec = co_await wait_queue_below(c, c.owner->opts.write_low_watermark)) co_return std::pair{ec, 0};
+  }
+  auto [ec, n] = co_await c.io.async_read_some(b, use_tuple);
+  co_return std::pair{ec, n};
+}
+
+asio::awaitable<error_code> connection::write(asio::const_buffer b) {
+  if (auto ec = co_await flush()) co_return ec;
+  auto [ec, n] = co_await asio::async_write(impl_->io, b, use_tuple);
+  co_return ec;
+}
+
+asio::awaitable<error_code> connection::shutdown_write() {
+  if (auto ec = co_await flush()) co_return ec;
+  auto [ec] = co_await impl_->io.async_shutdown_write(use_tuple);
+  co_return ec;
+}
+
+asio::awaitable<close_report> connection::close(close_policy p) {
+  auto [r] = co_await impl_->io.async_close(p, use_tuple);
+  co_return r;
+}
+
+// ---- sessions and accept loops -------------------------------------------
+
+namespace {
+
+asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, socket s, std::string peer) {
+  stream io(std::move(s), srv->opts.stream);
+  auto c = std::make_shared<connection_impl>(std::move(io), std::move(peer), srv.get(), w, srv->opts.policy);
+  c->registration = w->connections.insert(w->connections.end(), c.get());
+  {
+    connection conn(c);
+    try {
+      co_await srv->session(conn);
+    } catch (const std::exception& e) {
+      // A session that throws still gets a policy close; the error is logged.
+      closewise::logger()->warn("[conn {}] session failed: {}", c->io.id(), e.what());
+    }
+  }
+  if (!c->io.report()) {
+    if (!c->io.state().closing() && c->policy != close_policy::abortive) co_await wait_queue_below(*c, 0);
+    co_await c->io.async_close(c->policy, use_tuple);
+  }
+  w->connections.erase(c->registration);
+  srv->connection_done(c, *c->io.report());
+}
+
+std::string describe_peer(const asio::generic::stream_protocol::endpoint& e) {
+  if (e.protocol().family() == AF_INET || e.protocol().family() == AF_INET6) {
+    asio::ip::tcp::endpoint tcp;
+    std::memcpy(tcp.data(), e.data(), std::min<std::size_t>(e.size(), sizeof(sockaddr_in6)));
+    return to_string(tcp);
+  }
+  return "unix";
+}
+
+asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, acceptor_type* acceptor) {
+  auto& home = srv->acceptor_home();
+  asio::steady_timer backoff(home.ioc);
+  const auto& o = srv->opts;
+  while (!srv->draining) {
+    if (o.overflow == overflow_action::pause_accept && srv->counters.open() >= o.max_connections) {
+      srv->paused = true;
+      if (srv->counters.open() < o.max_connections) {  // a close raced the check
+        srv->paused = false;
+        continue;
+      }
+      srv->counters.limit_paused();
+      closewise::logger()->info("connection limit {} reached: accepting paused", o.max_connections);
+      arm_forever(*srv->slot_free);
+      co_await srv->slot_free->async_wait(use_tuple);
+      continue;
+    }
+    worker& target = *srv->workers[srv->next_worker++ % srv->workers.size()];
+    auto [ec, s] = co_await acceptor->async_accept(target.ioc, use_tuple);
+    if (ec) {
+      if (ec == asio::error::operation_aborted || !acceptor->is_open()) break;
+      const accept_error kind = classify_accept(ec);
+      srv->counters.accept_failed(kind);
+      if (kind == accept_error::aborted || kind == accept_error::protocol) continue;
+      // Out of descriptors or memory: retrying at once spins (FIELD-NOTES).
+      closewise::logger()->info("accept failed ({}): backing off {} ms", ec.message(), o.accept_backoff.count());
+      backoff.expires_after(o.accept_backoff);
+      co_await backoff.async_wait(use_tuple);
+      continue;
+    }
+    if (srv->counters.open() >= o.max_connections) {
+      // overflow_action::reject: a RST tells the client at once, and costs no TIME_WAIT.
+      error_code ignored;
+      s.set_option(asio::socket_base::linger(true, 0), ignored);
+      s.close(ignored);
+      srv->counters.limit_rejected();
+      continue;
+    }
+    error_code ignored;
+    s.set_option(asio::ip::tcp::no_delay(true), ignored);  // fails harmlessly on Unix sockets
+    std::string peer = describe_peer(s.remote_endpoint(ignored));
+    srv->counters.accepted();
+    asio::co_spawn(target.ioc, run_session(srv, &target, std::move(s), std::move(peer)), asio::detached);
+  }
+}
+
+}  // namespace
+
+// ---- server ----------------------------------------------------------------
+
+server::server(server_options opts, session_handler session)
+    : impl_(std::make_shared<impl>(std::move(opts), std::move(session))) {}
+
+server::~server() {
+  stop();
+  // Pending sessions hold the server's state; destroy them (with their
+  // io_contexts) before anything they refer to, listeners first.
+  impl_->acceptors.clear();
+  impl_->signals.reset();
+  impl_->slot_free.reset();
+  impl_->workers.clear();
+  for (const auto& path : impl_->unix_files) ::unlink(path.c_str());
+}
+
+void server::on_close(close_observer f) { impl_->observer = std::move(f); }
+const server_stats& server::stats() const noexcept { return impl_->counters; }
+std::uint64_t server::forced_in_drain() const noexcept { return impl_->forced.load(); }
+std::vector<std::string> server::local_endpoints() const { return impl_->endpoints; }
+
+void server::start() {
+  auto& home = impl_->acceptor_home();
+  impl_->slot_free.emplace(home.ioc);
+  for (const auto& text : impl_->opts.listen) {
+    const auto ep = parse_endpoint(text);
+    auto a = std::make_unique<acceptor_type>(home.ioc);
+    const asio::generic::stream_protocol::endpoint gep(ep);
+    a->open(gep.protocol());
+    a->set_option(asio::socket_base::reuse_address(true));
+    if (ep.address().is_v6()) a->set_option(asio::ip::v6_only(true));
+    a->bind(gep);
+    a->listen(impl_->opts.backlog);
+    asio::ip::tcp::endpoint bound;
+    const auto local = a->local_endpoint();
+    std::memcpy(bound.data(), local.data(), std::min<std::size_t>(local.size(), sizeof(sockaddr_in6)));
+    impl_->endpoints.push_back(to_string(bound));
+    impl_->acceptors.push_back(std::move(a));
+  }
+  for (const auto& path : impl_->opts.unix_paths) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
+    const asio::generic::stream_protocol::endpoint gep{asio::local::stream_protocol::endpoint(path)};
+    auto a = std::make_unique<acceptor_type>(home.ioc);
+    a->open(gep.protocol());
+    a->bind(gep);
+    a->listen(impl_->opts.backlog);
+    impl_->unix_files.push_back(path);
+    impl_->endpoints.push_back("unix:" + path);
+    impl_->acceptors.push_back(std::move(a));
+  }
+  for (auto& a : impl_->acceptors) {
+    asio::co_spawn(home.ioc, run_accept_loop(impl_, a.get()), asio::detached);
+  }
+  if (impl_->opts.handle_signals) {
+    impl_->signals.emplace(home.ioc, SIGINT, SIGTERM);
+    impl_->signals->async_wait([self = impl_](const error_code& ec, int sig) {
+      if (ec) return;
+      closewise::logger()->info("signal {}: draining", sig);
+      self->start_drain();
+    });
+  }
+}
+
+void server::run() {
+  std::vector<std::thread> threads;
+  for (std::size_t i = 1; i < impl_->workers.size(); ++i) {
+    threads.emplace_back([w = impl_->workers[i].get()] { w->ioc.run(); });
+  }
+  impl_->workers.front()->ioc.run();
+  for (auto& t : threads) t.join();
+}
+
+void server::drain() { impl_->start_drain(); }
+
+void server::stop() {
+  for (auto& w : impl_->workers) w->ioc.stop();
+}
+
+// ---- endpoints and client ----------------------------------------------
+
+asio::ip::tcp::endpoint parse_endpoint(const std::string& text) {
+  const auto colon = text.rfind(':');
+  if (colon == std::string::npos || colon + 1 == text.size())
+    throw std::invalid_argument("expected HOST:PORT, got '" + text + "'");
+  std::string host = text.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.empty() || host == "*") host = "0.0.0.0";
+  if (host == "localhost") host = "127.0.0.1";
+  error_code ec;
+  const auto address = asio::ip::make_address(host, ec);
+  if (ec) throw std::invalid_argument("not a numeric address: '" + host + "' in '" + text + "'");
+  unsigned long port = 0;
+  try {
+    std::size_t used = 0;
+    port = std::stoul(text.substr(colon + 1), &used);
+    if (used != text.size() - colon - 1) throw std::invalid_argument("trailing characters");
+  } catch (const std::exception&) {
+    throw std::invalid_argument("not a port: '" + text.substr(colon + 1) + "' in '" + text + "'");
+  }
+  if (port > 65535) throw std::invalid_argument("port out of range in '" + text + "'");
+  return {address, static_cast<unsigned short>(port)};
+}
+
+std::string to_string(const asio::ip::tcp::endpoint& e) {
+  if (e.address().is_v6()) return fmt::format("[{}]:{}", e.address().to_string(), e.port());
+  return fmt::format("{}:{}", e.address().to_string(), e.port());
+}
+
+asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex, std::string target,
+                                                                      std::chrono::milliseconds timeout,
+                                                                      stream_options opts) {
+  asio::ip::tcp::endpoint ep;
+  try {
+    ep = parse_endpoint(target);
+  } catch (const std::invalid_argument&) {
+    co_return std::pair{error_code(asio::error::invalid_argument), std::optional<stream>{}};
+  }
+  const asio::generic::stream_protocol::endpoint gep(ep);
+  socket s(ex);
+  error_code ec;
+  s.open(gep.protocol(), ec);
+  if (ec) co_return std::pair{ec, std::optional<stream>{}};
+  asio::steady_timer timer(ex);
+  bool timed_out = false;
+  timer.expires_after(timeout);
+  timer.async_wait([&s, &timed_out](const error_code& e) {
+    if (e) return;
+    timed_out = true;
+    error_code ignored;
+    s.cancel(ignored);
+  });
+  auto [cec] = co_await s.async_connect(gep, use_tuple);
+  timer.cancel();
+  if (cec) co_return std::pair{timed_out ? error_code(asio::error::timed_out) : cec, std::optional<stream>{}};
+  s.set_option(asio::ip::tcp::no_delay(true), ec);
+  co_return std::pair{error_code{}, std::optional<stream>{stream(std::move(s), opts)}};
+}
+
+}  // namespace closewise
