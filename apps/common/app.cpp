@@ -1,0 +1,132 @@
+#include "app.hpp"
+
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "closewise/log.hpp"
+#include "closewise/version.hpp"
+
+namespace closewise::app {
+
+std::string version() { return closewise::version_string; }
+
+std::chrono::milliseconds seconds(double s) {
+  return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000.0 + 0.5));
+}
+
+void server_flags::add_to(CLI::App& cli) {
+  cli.add_option("--listen", listen, "Listen on HOST:PORT (repeatable; port 0 picks a free port)")
+      ->type_name("HOST:PORT");
+  cli.add_option("--unix", unix_paths, "Listen on a Unix stream socket at PATH (repeatable)")->type_name("PATH");
+  cli.add_option("--threads", threads, "I/O threads (0: one per core)")->capture_default_str();
+  cli.add_option("--teardown", teardown, "How the server ends connections")
+      ->check(CLI::IsMember({"graceful", "fin_close", "abortive", "rst_if_safe"}))
+      ->capture_default_str();
+  cli.add_option("--linger-timeout", linger_timeout_s,
+                 "Graceful close: seconds without progress before giving up with RST")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cli.add_option("--linger-max", linger_max_s, "Graceful close: total seconds before giving up with RST")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cli.add_option("--idle-timeout", idle_timeout_s, "Seconds a connection may wait for a new request (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--read-timeout", read_timeout_s, "Seconds without a byte in the middle of a request (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--write-timeout", write_timeout_s, "Seconds a write may make no progress (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--drain-timeout", drain_timeout_s,
+                 "On SIGTERM/SIGINT: seconds to let exchanges finish before resetting the rest")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--max-connections", max_connections, "Open connections at most")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cli.add_option("--overflow", overflow,
+                 "At the connection limit: pause (newcomers wait in the backlog) or reject (RST at once)")
+      ->check(CLI::IsMember({"pause", "reject"}))
+      ->capture_default_str();
+  cli.add_flag("--stats", print_stats, "Print the teardown statistics on exit (stdout)");
+  cli.add_option("--stats-format", stats_format, "Format of --stats")
+      ->check(CLI::IsMember({"json", "prometheus"}))
+      ->capture_default_str();
+}
+
+server_options server_flags::to_options() const {
+  server_options o;
+  o.listen = listen;
+  o.unix_paths = unix_paths;
+  if (o.listen.empty() && o.unix_paths.empty()) o.listen = {"127.0.0.1:0"};
+  for (const auto& l : o.listen) {
+    try {
+      (void)parse_endpoint(l);
+    } catch (const std::invalid_argument& e) {
+      throw CLI::ValidationError("--listen", e.what());
+    }
+  }
+  o.threads = threads;
+  if (!parse(teardown, o.policy)) throw CLI::ValidationError("--teardown", "unknown policy " + teardown);
+  o.stream.linger_timeout = seconds(linger_timeout_s);
+  o.stream.linger_max = seconds(linger_max_s);
+  o.stream.idle_timeout = seconds(idle_timeout_s);
+  o.stream.read_timeout = seconds(read_timeout_s);
+  o.stream.write_timeout = seconds(write_timeout_s);
+  o.drain_timeout = seconds(drain_timeout_s);
+  o.max_connections = max_connections;
+  o.overflow = overflow == "reject" ? overflow_action::reject : overflow_action::pause_accept;
+  o.handle_signals = true;
+  return o;
+}
+
+void add_common_flags(CLI::App& cli, std::string& log_level) {
+  cli.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}))
+      ->capture_default_str();
+  cli.set_version_flag("--version", cli.get_name() + " " + version());
+}
+
+void setup_logging(const std::string& level) {
+  auto logger = spdlog::get("closewise");
+  if (!logger) {
+    logger = spdlog::stderr_color_mt("closewise");
+  }
+  logger->set_level(spdlog::level::from_str(level));
+  closewise::set_logger(logger);
+}
+
+void print_listening(const server& s) {
+  for (const auto& e : s.local_endpoints()) std::printf("listening on %s\n", e.c_str());
+  std::fflush(stdout);
+}
+
+void ignore_sigpipe() { std::signal(SIGPIPE, SIG_IGN); }
+
+int fail(const std::string& name, const std::string& message, int code) {
+  std::cerr << name << ": error: " << message << '\n';
+  return code;
+}
+
+int parse(CLI::App& cli, int argc, char** argv) {
+  try {
+    cli.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return cli.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return cli.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return cli.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << cli.get_name() << ": error: " << e.what() << " (see " << cli.get_name() << " --help)\n";
+    return exit_usage;
+  }
+  return -1;
+}
+
+}  // namespace closewise::app
