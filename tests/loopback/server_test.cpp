@@ -3,9 +3,14 @@
 // threads; clients are raw blocking sockets.
 
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/resource.h>
 
+#include <sys/un.h>
+
 #include <csignal>
+#include <random>
+#include <set>
 #include <future>
 #include <thread>
 
@@ -133,6 +138,444 @@ TEST(server, echo_session_across_half_close) {
     expect_no_half_closed_leftovers(s.port());
   }
   EXPECT_EQ(open_fd_count(), fds);
+}
+
+// Reads one byte with a timeout; returns the byte count, 0 on EOF, -errno, or -ETIMEDOUT.
+long recv_with_timeout(raw_peer& p, char* c, std::chrono::milliseconds limit) {
+  pollfd pfd{p.fd(), POLLIN, 0};
+  if (::poll(&pfd, 1, static_cast<int>(limit.count())) == 0) return -ETIMEDOUT;
+  return p.recv_some(c, 1);
+}
+
+// Sends one byte and expects it back within `limit`.
+bool echoes(raw_peer& p, std::chrono::milliseconds limit = 2s) {
+  if (p.send(std::string("x")) != 1) return false;
+  char c = 0;
+  return recv_with_timeout(p, &c, limit) == 1 && c == 'x';
+}
+
+// At the limit with pause_accept, the overflow waits in the backlog and is
+// served as slots free; nothing is refused.
+TEST(server, connection_limit_pauses_accepting_and_serves_the_overflow_later) {
+  auto o = local_options(2);
+  o.max_connections = 512;
+  running_server s(o, echo_session);
+  std::vector<raw_peer> clients;
+  for (int i = 0; i < 600; ++i) {
+    clients.push_back(connect_to(s.port()));
+    ASSERT_GE(clients.back().fd(), 0);
+  }
+  for (auto& c : clients) ASSERT_EQ(c.send(std::string("x")), 1);
+  std::vector<std::size_t> served, waiting;
+  for (std::size_t i = 0; i < clients.size(); ++i) {
+    char c;
+    // The 512 accepted answer at once; the rest must not (they are not accepted).
+    (recv_with_timeout(clients[i], &c, served.size() < 512 ? 2000ms : 10ms) == 1 ? served : waiting).push_back(i);
+  }
+  EXPECT_EQ(served.size(), 512u);
+  EXPECT_EQ(waiting.size(), 88u);
+  auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.open, 512u);
+  EXPECT_GE(snap.limit_paused, 1u);
+  EXPECT_EQ(snap.limit_rejected, 0u);
+  // The 512 keep working.
+  for (std::size_t i = 0; i < served.size(); i += 37) EXPECT_TRUE(echoes(clients[served[i]]));
+  // Free 100 slots: every waiting client is served.
+  for (std::size_t i = 0; i < 100; ++i) clients[served[i]].close();
+  for (auto i : waiting) {
+    char c;
+    EXPECT_EQ(recv_with_timeout(clients[i], &c, 3s), 1) << "client " << i << " never served";
+  }
+  for (auto& c : clients) c.close();
+  ASSERT_TRUE(s.wait_closed(600));
+  snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.accepted, 600u);
+  EXPECT_EQ(snap.open, 0u);
+  expect_no_half_closed_leftovers(s.port());
+}
+
+// With overflow_action::reject the overflow gets a RST at once, counted.
+TEST(server, connection_limit_reject_resets_the_overflow) {
+  auto o = local_options(2);
+  o.max_connections = 512;
+  o.overflow = overflow_action::reject;
+  running_server s(o, echo_session);
+  std::vector<raw_peer> clients;
+  for (int i = 0; i < 600; ++i) clients.push_back(connect_to(s.port()));
+  int served = 0, reset = 0;
+  for (auto& c : clients) {
+    if (c.send(std::string("x")) != 1) {
+      ++reset;
+      continue;
+    }
+    char b;
+    const long r = recv_with_timeout(c, &b, 2s);
+    if (r == 1) ++served;
+    if (r == -ECONNRESET) ++reset;
+  }
+  EXPECT_EQ(served, 512);
+  EXPECT_EQ(reset, 88);
+  EXPECT_EQ(s.get().stats().snapshot().limit_rejected, 88u);
+  for (auto& c : clients) c.close();
+  ASSERT_TRUE(s.wait_closed(512));
+}
+
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
+// Out of descriptors, the accept loop backs off instead of spinning, and
+// serves again soon after descriptors free up.
+TEST(server, emfile_backs_off_without_spinning_and_recovers) {
+  rlimit original{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &original), 0);
+  auto o = local_options(1);
+  o.accept_backoff = 100ms;
+  running_server s(o, echo_session);
+  // Client sockets exist before the limit drops: connecting needs no new descriptor.
+  std::vector<raw_peer> clients;
+  for (int i = 0; i < 40; ++i) clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  rlimit low = original;
+  low.rlim_cur = open_fd_count() + 4;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(s.port());
+  for (auto& c : clients) ASSERT_EQ(::connect(c.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  // Wait (bounded) for the first EMFILE, then watch one second of starvation.
+  const auto emfile = [&] { return s.get().stats().snapshot().accept_errors[0]; };
+  for (int i = 0; i < 2000 && emfile() == 0; ++i) std::this_thread::sleep_for(1ms);
+  ASSERT_GT(emfile(), 0u) << "the descriptor limit never bit";
+  const auto errors_before = emfile();
+  const double cpu_before = cpu_seconds();
+  std::this_thread::sleep_for(1s);  // measuring a rate over a fixed window, not synchronising
+  const double cpu = cpu_seconds() - cpu_before;
+  const auto errors = emfile() - errors_before;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &original), 0);
+  EXPECT_LE(errors, 20u) << "accept errors per second while starved";
+  EXPECT_LT(cpu, 0.05) << "CPU seconds used in one starved second";
+  // Descriptors are back: everyone is served within about a second.
+  const auto freed = std::chrono::steady_clock::now();
+  for (auto& c : clients) EXPECT_TRUE(echoes(c, 2s));
+  EXPECT_LT(std::chrono::steady_clock::now() - freed, 2s);
+  for (auto& c : clients) c.close();
+  ASSERT_TRUE(s.wait_closed(40));
+}
+
+// Clients that reset while still in the backlog cost the listener nothing.
+TEST(server, clients_resetting_in_the_backlog_do_not_stop_the_listener) {
+  std::promise<void> release, blocked;
+  std::shared_future<void> held = release.get_future().share();
+  std::atomic<bool> first{true};
+  // The first session blocks the only I/O thread (and so the accept loop)
+  // until released: a plain function returning the awaitable, no coroutine lambda.
+  session_handler handler = [&](connection& c) -> asio::awaitable<void> {
+    if (first.exchange(false)) {
+      blocked.set_value();
+      held.wait();
+    }
+    return echo_session(c);
+  };
+  running_server s(local_options(1), handler);
+  auto blocker = connect_to(s.port());
+  blocked.get_future().wait();
+  std::vector<raw_peer> aborted, normal;
+  for (int i = 0; i < 20; ++i) aborted.push_back(connect_to(s.port()));
+  for (int i = 0; i < 5; ++i) normal.push_back(connect_to(s.port()));
+  for (auto& c : aborted) c.reset();  // RST while waiting in the accept queue
+  release.set_value();
+  for (auto& c : normal) EXPECT_TRUE(echoes(c));
+  EXPECT_TRUE(echoes(blocker));
+  for (auto& c : normal) c.close();
+  blocker.close();
+  const auto aborted_in_accept = [&] { return s.get().stats().snapshot().accept_errors[3]; };
+  ASSERT_TRUE(s.wait_closed(26 - aborted_in_accept()));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.accepted + snap.accept_errors[3], 26u);
+  EXPECT_EQ(snap.open, 0u);
+  // Every reset client that was accepted ended as a peer reset, not as a FIN.
+  EXPECT_EQ(snap.rst_received + snap.accept_errors[3], 20u);
+  expect_no_half_closed_leftovers(s.port());
+}
+
+// ---- timeouts ----
+
+asio::awaitable<void> close_at_once(connection&) { co_return; }
+
+TEST(server, idle_timeout_closes_an_idle_peer_gracefully) {
+  auto o = local_options(1);
+  o.stream.idle_timeout = 200ms;
+  running_server s(o, echo_session);
+  auto peer = connect_to(s.port());
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(peer.drain().eof);  // the server's FIN after the idle timeout
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  peer.close();
+  ASSERT_TRUE(s.wait_closed(1));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.timeouts[static_cast<std::size_t>(timeout_kind::idle)], 1u);
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::ours_then_peer_fin)], 1u);
+  expect_no_half_closed_leftovers(s.port());
+}
+
+TEST(server, peer_that_never_reads_ends_by_write_timeout_then_linger_limit) {
+  auto o = local_options(1);
+  o.stream.write_timeout = 200ms;
+  o.stream.linger_timeout = 200ms;
+  o.stream.linger_max = 1s;
+  running_server s(o, echo_session);
+  auto peer = connect_to(s.port(), 4096);
+  const std::string chunk(1 << 20, 'p');
+  // Fill both directions; the server's echo stalls on our closed window.
+  for (int i = 0; i < 64; ++i) {
+    pollfd pfd{peer.fd(), POLLOUT, 0};
+    if (::poll(&pfd, 1, 300) == 0) break;
+    if (peer.send(chunk) < 0) break;
+  }
+  ASSERT_TRUE(s.wait_closed(1, 10s));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.timeouts[static_cast<std::size_t>(timeout_kind::write)], 1u);
+  EXPECT_EQ(snap.rst_sent, 1u);
+  // The drain that follows ends by time or by its discard budget (the peer floods).
+  EXPECT_EQ(snap.linger_timeouts + snap.linger_limits, 1u);
+  expect_no_half_closed_leftovers(s.port());
+}
+
+TEST(server, peer_that_never_sends_its_fin_is_reset_at_the_linger_timeout) {
+  auto o = local_options(1);
+  o.stream.linger_timeout = 200ms;
+  running_server s(o, close_at_once);
+  auto peer = connect_to(s.port());
+  ASSERT_TRUE(s.wait_closed(1, 5s));
+  const auto reports = s.reports();
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_EQ(reports[0].cause, close_cause::linger_timeout);
+  EXPECT_GE(reports[0].drain_time, 200ms);
+  EXPECT_EQ(s.get().stats().snapshot().linger_timeouts, 1u);
+  char c;
+  EXPECT_EQ(peer.recv_some(&c, 1), 0);  // our FIN first ...
+  // ... then the RST: after a FIN Linux reports it to a send as EPIPE, not to recv.
+  EXPECT_EQ(peer.send(std::string("late")), -EPIPE);
+}
+
+// ---- drain ----
+
+// A line protocol: "N\n" asks for N bytes. Between requests the session
+// returns if the server drains (an HTTP server would add Connection: close).
+asio::awaitable<void> line_session(connection& c) {
+  std::string line;
+  std::array<char, 4096> buf;
+  for (;;) {
+    const auto nl = line.find('\n');
+    if (nl == std::string::npos) {
+      auto [ec, n] = co_await c.read_some(asio::buffer(buf));
+      line.append(buf.data(), n);
+      if (ec) co_return;
+      continue;
+    }
+    const std::size_t want = std::stoul(line.substr(0, nl));
+    line.erase(0, nl + 1);
+    if (co_await c.write(asio::buffer(pattern(want)))) co_return;
+    c.mark_exchange_complete();
+    if (c.draining()) co_return;
+  }
+}
+
+TEST(server, sigterm_drains_idle_mid_request_and_mid_response_connections) {
+  const auto fds = open_fd_count();
+  {
+    auto o = local_options(2);
+    o.handle_signals = true;
+    o.drain_timeout = 5s;
+    running_server s(o, line_session);
+    auto idle = connect_to(s.port());
+    auto mid_request = connect_to(s.port());
+    auto mid_response = connect_to(s.port());
+    ASSERT_EQ(mid_request.send(std::string("1000")), 4);
+    ASSERT_EQ(mid_response.send(std::string("30000000\n")), 9);
+    char first;
+    ASSERT_EQ(recv_with_timeout(mid_response, &first, 2s), 1);  // the response is under way
+    for (int i = 0; i < 2000 && s.get().stats().snapshot().open < 3; ++i) std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(s.get().stats().snapshot().open, 3u);
+    const auto signalled = std::chrono::steady_clock::now();
+    ASSERT_EQ(::raise(SIGTERM), 0);
+
+    EXPECT_TRUE(idle.drain().eof);  // closed gracefully between requests
+    ASSERT_EQ(mid_request.send(std::string("\n")), 1);
+    std::string body;
+    auto d = mid_request.drain(&body);
+    EXPECT_TRUE(d.eof);
+    EXPECT_EQ(body, pattern(1000));  // the exchange in flight completed
+    body.clear();
+    d = mid_response.drain(&body);
+    EXPECT_TRUE(d.eof);
+    EXPECT_EQ(body.size() + 1, 30000000u);
+    EXPECT_TRUE(std::string(1, first) + body == pattern(30000000));
+    // No new connections once draining.
+    EXPECT_LT(connect_to(s.port()).fd(), 0);
+    idle.close();
+    mid_request.close();
+    mid_response.close();
+    EXPECT_TRUE(s.wait_run_returned(5s));
+    EXPECT_LT(std::chrono::steady_clock::now() - signalled, 5s);
+    const auto snap = s.get().stats().snapshot();
+    EXPECT_EQ(snap.drain_closed, 1u);
+    EXPECT_EQ(snap.drain_forced, 0u);
+    EXPECT_EQ(snap.open, 0u);
+    EXPECT_EQ(s.get().forced_in_drain(), 0u);
+  }
+  EXPECT_EQ(open_fd_count(), fds);
+}
+
+TEST(server, drain_resets_what_is_left_at_its_deadline) {
+  auto o = local_options(1);
+  o.drain_timeout = 300ms;
+  running_server s(o, line_session);
+  auto stuck = connect_to(s.port());
+  ASSERT_EQ(stuck.send(std::string("12")), 2);  // never finishes its request
+  for (int i = 0; i < 2000 && s.get().stats().snapshot().open < 1; ++i) std::this_thread::sleep_for(1ms);
+  const auto start = std::chrono::steady_clock::now();
+  s.get().drain();
+  EXPECT_TRUE(s.wait_run_returned(3s));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms);
+  char c;
+  EXPECT_EQ(stuck.recv_some(&c, 1), -ECONNRESET);
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.drain_forced, 1u);
+  EXPECT_EQ(s.get().forced_in_drain(), 1u);
+}
+
+// ---- races: 4 I/O threads, peers doing everything at once ----
+
+TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {
+  auto o = local_options(4);
+  o.stream.linger_timeout = 500ms;
+  std::mutex mu;
+  std::set<std::uint64_t> ids;
+  std::atomic<int> duplicates{0};
+  server srv(o, echo_session);
+  srv.on_close([&](const connection& c, const close_report&) {
+    std::lock_guard lock(mu);
+    if (!ids.insert(c.id()).second) ++duplicates;
+  });
+  srv.start();
+  const auto port = parse_endpoint(srv.local_endpoints().front()).port();
+  std::thread io([&] { srv.run(); });
+  std::atomic<int> mismatches{0}, done{0};
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 8; ++t) {
+    clients.emplace_back([&, t] {
+      std::mt19937 rng(1234 + t);
+      for (int i = 0; i < 40; ++i) {
+        auto p = connect_to(port);
+        const std::string data = pattern(1 + rng() % 200000);
+        switch (rng() % 5) {
+          case 0: {  // a full echo exchange across half-close
+            auto reader = std::async(std::launch::async, [&] {
+              std::string sink;
+              p.drain(&sink);
+              return sink;
+            });
+            p.send_all(data.data(), data.size());
+            p.shutdown_write();
+            if (reader.get() != data) ++mismatches;
+            break;
+          }
+          case 1:  // RST mid-exchange
+            p.send_all(data.data(), std::min<std::size_t>(data.size(), 50000));
+            p.reset();
+            break;
+          case 2:  // RST while idle
+            p.reset();
+            break;
+          case 3:  // close with our unread echo in the buffer: the kernel resets
+            p.send_all(data.data(), std::min<std::size_t>(data.size(), 50000));
+            p.close();
+            break;
+          default:  // half-close without a byte
+            p.shutdown_write();
+            p.drain();
+            break;
+        }
+        ++done;
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  const auto end = std::chrono::steady_clock::now() + 20s;
+  while (srv.stats().snapshot().closed < 320 && std::chrono::steady_clock::now() < end)
+    std::this_thread::sleep_for(5ms);
+  srv.stop();
+  io.join();
+  const auto snap = srv.stats().snapshot();
+  EXPECT_EQ(done.load(), 320);
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_EQ(snap.accepted, 320u);
+  EXPECT_EQ(snap.closed, 320u);
+  EXPECT_EQ(snap.open, 0u);
+  EXPECT_EQ(ids.size(), 320u);
+  EXPECT_EQ(duplicates.load(), 0);
+  expect_no_half_closed_leftovers(port);
+}
+
+// A Unix stream socket listener serves the same sessions.
+TEST(server, unix_socket_listener_echoes) {
+  const std::string path = "/tmp/closewise-test-" + std::to_string(::getpid()) + ".sock";
+  server_options o;
+  o.unix_paths = {path};
+  o.threads = 1;
+    server srv(o, echo_session);
+  srv.start();
+  EXPECT_EQ(srv.local_endpoints().front(), "unix:" + path);
+  std::thread io([&] { srv.run(); });
+  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  const std::string data = pattern(1 << 20);
+  auto reader = std::async(std::launch::async, [&] {
+    std::string sink;
+    p.drain(&sink);
+    return sink;
+  });
+  p.send_all(data.data(), data.size());
+  p.shutdown_write();
+  EXPECT_TRUE(reader.get() == data);
+  p.close();
+  for (int i = 0; i < 2000 && srv.stats().snapshot().closed < 1; ++i) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(srv.stats().snapshot().closed_by_cause[static_cast<std::size_t>(close_cause::peer_fin_then_ours)], 1u);
+  srv.stop();
+  io.join();
+}
+
+TEST(stats, json_and_prometheus_carry_every_counter) {
+  server_stats st;
+  st.accepted();
+  close_report r;
+  r.cause = close_cause::linger_timeout;
+  r.drain = drain_end::timeout;
+  r.rst_sent = true;
+  r.timeout = timeout_kind::write;
+  st.record(r);
+  st.accept_failed(accept_error::emfile);
+  const auto snap = st.snapshot();
+  const auto json = to_json(snap);
+  EXPECT_NE(json.find("\"connections_accepted\":1"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"closed_by_cause\":{"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"linger_timeout\":1"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"emfile\":1"), std::string::npos) << json;
+  EXPECT_EQ(json.front(), '{');
+  EXPECT_EQ(json.back(), '}');
+  const auto prom = to_prometheus(snap);
+  EXPECT_NE(prom.find("closewise_connections_accepted_total 1\n"), std::string::npos) << prom;
+  EXPECT_NE(prom.find("closewise_closed_by_cause_total{cause=\"linger_timeout\"} 1\n"), std::string::npos);
+  EXPECT_NE(prom.find("closewise_timeouts_total{kind=\"write\"} 1\n"), std::string::npos);
+  EXPECT_NE(prom.find("closewise_accept_errors_total{kind=\"emfile\"} 1\n"), std::string::npos);
+  EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
 }
 
 }  // namespace
