@@ -9,8 +9,8 @@
 
 #include <string>
 
-#include <sys/socket.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "lab/experiments.hpp"
@@ -196,6 +196,26 @@ TEST(lab_all, unknown_row_is_a_mismatch_not_a_crash) {
   const lab::row r = lab::run_one(9, {});
   EXPECT_FALSE(r.matches);
   EXPECT_NE(r.mismatch.find("no experiment 9"), std::string::npos) << r.mismatch;
+}
+
+// The verdict comes from what was observed, not from the row's number: a
+// response small enough to sit whole in the client's receive queue before the
+// RST is not truncated, and row 7 must then say it does not match, and why.
+TEST(lab_all, row7_with_a_response_that_fits_the_client_window_does_not_match) {
+  lab::options opts;
+  opts.response_bytes = 16 * 1024;
+  const lab::row r = lab::close_with_unread_input(opts);
+  EXPECT_FALSE(r.matches) << dump(r);
+  EXPECT_NE(r.mismatch.find("got the whole body (16384 B)"), std::string::npos) << dump(r);
+  EXPECT_EQ(r.count("plain_client_bytes"), 16384u) << dump(r);
+  EXPECT_EQ(r.value("plain_client_end"), "ECONNRESET") << dump(r);  // the RST still came
+  EXPECT_EQ(r.value("plain_kernel_reset"), "yes") << dump(r);
+  // With shutdown(SHUT_WR) first and nothing left unsent, the FIN reaches the
+  // client before the close's RST, and Linux reports the FIN first: EOF.
+  // Only a FIN still queued behind unsent bytes dies with them (the 4 MiB case).
+  EXPECT_EQ(r.count("fin_close_client_bytes"), 16384u) << dump(r);
+  EXPECT_EQ(r.value("fin_close_client_end"), "EOF") << dump(r);
+  EXPECT_EQ(r.value("fin_close_kernel_reset"), "yes") << dump(r);
 }
 
 TEST(lab_all, row_lookups) {

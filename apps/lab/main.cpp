@@ -1,0 +1,200 @@
+// closewise-lab: runs the eight teardown experiments of DESIGN.md and says
+// whether this kernel (and this library) still behave as the table says.
+//
+// Exit status: 0 when every row matches, 1 when one does not (each mismatch
+// is printed), 2 on a usage error.
+
+#include <csignal>
+#include <cstddef>
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "closewise/version.hpp"
+#include "lab/experiments.hpp"
+
+namespace {
+
+namespace lab = closewise::lab;
+
+// Splits `text` into lines of at most `width` columns, at spaces where it can;
+// '\n' forces a break.
+std::vector<std::string> wrap(std::string_view text, std::size_t width) {
+  std::vector<std::string> lines;
+  std::string line;
+  auto flush = [&] {
+    lines.push_back(line);
+    line.clear();
+  };
+  std::size_t i = 0;
+  while (i < text.size()) {
+    if (text[i] == '\n') {
+      flush();
+      ++i;
+      continue;
+    }
+    if (text[i] == ' ') {
+      ++i;
+      continue;
+    }
+    std::size_t end = text.find_first_of(" \n", i);
+    if (end == std::string_view::npos) end = text.size();
+    std::string_view word = text.substr(i, end - i);
+    i = end;
+    while (!word.empty()) {
+      const std::size_t need = line.empty() ? word.size() : line.size() + 1 + word.size();
+      if (need <= width) {
+        if (!line.empty()) line += ' ';
+        line += word;
+        word = {};
+      } else if (!line.empty()) {
+        flush();
+      } else {  // a word wider than the column: cut it
+        line = word.substr(0, width);
+        word.remove_prefix(width);
+        flush();
+      }
+    }
+  }
+  if (!line.empty() || lines.empty()) flush();
+  return lines;
+}
+
+std::string join(const std::vector<lab::observation>& list, lab::party by, bool with_party) {
+  std::string out;
+  for (const auto& o : list) {
+    if (o.by != by) continue;
+    out += out.empty() ? (with_party ? (by == lab::party::ours ? "we: " : "peer: ") : "") : "; ";
+    out += o.label + ": " + o.value;
+  }
+  return out;
+}
+
+std::string observed_cell(const lab::row& r) {
+  std::string ours = join(r.observed, lab::party::ours, true);
+  const std::string peer = join(r.observed, lab::party::peer, true);
+  if (!peer.empty()) ours += (ours.empty() ? "" : "\n") + peer;
+  return ours;
+}
+
+std::string states_cell(const lab::row& r) {
+  if (r.states.empty()) return "n/a (not TCP)";
+  std::string out;
+  for (const auto& o : r.states) out += (out.empty() ? "" : "; ") + o.label + ": " + o.value;
+  return out;
+}
+
+void print_table(std::ostream& out, const std::vector<lab::row>& rows) {
+  struct column {
+    std::string_view title;
+    std::size_t width;
+  };
+  const std::vector<column> cols{
+      {"#", 2},           {"experiment", 20}, {"what was done", 34}, {"observed (our side / peer side)", 46},
+      {"TCP states", 32}, {"expected", 32},   {"match", 5}};
+  auto print_line = [&](const std::vector<std::vector<std::string>>& cells) {
+    std::size_t height = 0;
+    for (const auto& c : cells) height = std::max(height, c.size());
+    for (std::size_t line = 0; line < height; ++line) {
+      std::string text;
+      for (std::size_t c = 0; c < cols.size(); ++c) {
+        const std::string& cell = line < cells[c].size() ? cells[c][line] : std::string{};
+        text += cell;
+        if (c + 1 < cols.size()) text += std::string(cols[c].width - cell.size() + 2, ' ');
+      }
+      while (!text.empty() && text.back() == ' ') text.pop_back();
+      out << text << '\n';
+    }
+  };
+  std::size_t total = 0;
+  for (const auto& c : cols) total += c.width + 2;
+  const std::string rule(total - 2, '-');
+
+  std::vector<std::vector<std::string>> header;
+  for (const auto& c : cols) header.push_back(wrap(c.title, c.width));
+  print_line(header);
+  for (const auto& r : rows) {
+    out << rule << '\n';
+    const std::vector<std::string> texts{std::to_string(r.number), r.name,         r.done,
+                                         observed_cell(r),         states_cell(r), r.expected,
+                                         r.matches ? "yes" : "NO"};
+    std::vector<std::vector<std::string>> cells;
+    for (std::size_t c = 0; c < cols.size(); ++c) cells.push_back(wrap(texts[c], cols[c].width));
+    print_line(cells);
+  }
+  out << rule << '\n';
+}
+
+nlohmann::ordered_json to_json(const std::vector<lab::observation>& list) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::array();
+  for (const auto& o : list) {
+    out.push_back({{"by", std::string(lab::to_string(o.by))}, {"key", o.key}, {"label", o.label}, {"value", o.value}});
+  }
+  return out;
+}
+
+nlohmann::ordered_json to_json(const std::vector<lab::row>& rows, std::size_t matching, bool ipv6) {
+  nlohmann::ordered_json out;
+  out["version"] = closewise::version_string;
+  out["address"] = ipv6 ? "::1" : "127.0.0.1";
+  out["rows"] = nlohmann::ordered_json::array();
+  for (const auto& r : rows) {
+    out["rows"].push_back({{"number", r.number},
+                           {"name", r.name},
+                           {"done", r.done},
+                           {"observed", to_json(r.observed)},
+                           {"tcp_states", to_json(r.states)},
+                           {"expected", r.expected},
+                           {"matches", r.matches},
+                           {"mismatch", r.mismatch}});
+  }
+  out["summary"] = {{"rows", rows.size()}, {"matching", matching}, {"all_match", matching == rows.size()}};
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Writes to a pipe whose reader is gone (row 2, or our own stdout piped into
+  // `head`) must fail with EPIPE, not kill the lab.
+  std::signal(SIGPIPE, SIG_IGN);
+
+  CLI::App app{"Reproduces the eight TCP teardown experiments of closewise's DESIGN.md on loopback.", "closewise-lab"};
+  bool json = false;
+  bool ipv6 = false;
+  int only = 0;
+  app.add_flag("--json", json, "Machine output: one JSON object per row, plus a summary");
+  app.add_option("--only", only, "Run only experiment N")->check(CLI::Range(1, lab::row_count))->type_name("N");
+  app.add_flag("--ipv6", ipv6, "Use ::1 instead of 127.0.0.1");
+  app.set_version_flag("--version", std::string("closewise-lab ") + closewise::version_string);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help, --version
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+
+  lab::options opts;
+  opts.ipv6 = ipv6;
+  const std::vector<lab::row> rows = only > 0 ? std::vector<lab::row>{lab::run_one(only, opts)} : lab::run_all(opts);
+  std::size_t matching = 0;
+  for (const auto& r : rows) matching += r.matches ? 1 : 0;
+
+  std::ostream& notes = json ? std::cerr : std::cout;
+  if (json) {
+    std::cout << to_json(rows, matching, ipv6).dump(2) << '\n';
+  } else {
+    print_table(std::cout, rows);
+    std::cout << matching << " of " << rows.size() << " rows match\n";
+  }
+  for (const auto& r : rows) {
+    if (!r.matches) notes << "row " << r.number << " (" << r.name << ") does not match: " << r.mismatch << '\n';
+  }
+  return matching == rows.size() ? 0 : 1;
+}
