@@ -15,6 +15,11 @@
 #include <thread>
 
 #include "../support/loopback.hpp"
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
 
@@ -576,6 +581,116 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   EXPECT_NE(prom.find("closewise_timeouts_total{kind=\"write\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("closewise_accept_errors_total{kind=\"emfile\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
+}
+
+// ---- write queue watermarks ----
+
+// Sends 16 copies of everything it reads: a peer that writes and never reads
+// would grow the queue without bound, were it not for the watermarks.
+std::atomic<std::size_t> max_queued{0};
+asio::awaitable<void> amplify_session(connection& c) {
+  std::array<char, 16 * 1024> buf;
+  for (;;) {
+    auto [ec, n] = co_await c.read_some(asio::buffer(buf));
+    for (int i = 0; i < 16 && n > 0; ++i) c.send(std::string(buf.data(), n));
+    if (c.queued() > max_queued) max_queued = c.queued();
+    if (ec) break;
+  }
+  co_await c.flush();
+}
+
+TEST(server, write_queue_above_the_high_watermark_stops_reading) {
+  auto o = local_options(1);
+  o.write_high_watermark = 1 << 20;
+  o.write_low_watermark = 256 << 10;
+  max_queued = 0;
+  running_server s(o, amplify_session);
+  auto peer = connect_to(s.port(), 4096);
+  // Write 8 MiB without reading (the server owes 128 MiB), as far as the
+  // kernel takes it within a bound.
+  const std::string chunk(64 * 1024, 'a');
+  std::size_t sent = 0;
+  for (int i = 0; i < 128; ++i) {
+    pollfd pfd{peer.fd(), POLLOUT, 0};
+    if (::poll(&pfd, 1, 200) == 0) break;  // the server stopped reading: backpressure reached us
+    const long r = peer.send(chunk);
+    if (r <= 0) break;
+    sent += static_cast<std::size_t>(r);
+  }
+  EXPECT_LT(sent, 8u << 20) << "the server kept reading although its queue was full";
+  // Queue bounded: at most the high watermark plus what one read adds.
+  EXPECT_LE(max_queued.load(), o.write_high_watermark + 16 * 16 * 1024);
+  peer.shutdown_write();
+  const auto d = peer.drain();
+  EXPECT_TRUE(d.eof);
+  EXPECT_EQ(d.bytes, sent * 16);  // every byte owed arrives once we read
+  peer.close();
+  ASSERT_TRUE(s.wait_closed(1));
+}
+
+// ---- client ----
+
+asio::awaitable<void> one_response_session(connection& c) {
+  std::array<char, 64> buf;
+  auto [ec, n] = co_await c.read_some(asio::buffer(buf));
+  if (ec) co_return;
+  co_await c.write(asio::buffer(pattern(1 << 20)));
+  // Wait for the client's close; our own close then finds the connection over.
+  co_await c.read_some(asio::buffer(buf));
+}
+
+asio::awaitable<void> client_exchange(std::string target, std::optional<close_report>& out, std::string& body) {
+  auto ex = co_await asio::this_coro::executor;
+  auto [ec, s] = co_await closewise::connect(ex, target, 2s);
+  if (ec) co_return;
+  co_await asio::async_write(*s, asio::buffer(std::string("GET")), use_tuple);
+  body.resize(1 << 20);
+  auto [rec, n] = co_await asio::async_read(*s, asio::buffer(body), use_tuple);
+  body.resize(n);
+  s->mark_exchange_complete();
+  auto [r] = co_await s->async_close(close_policy::rst_if_safe, use_tuple);
+  out = r;
+}
+
+// The client side of the story: after the full response, a RST is safe.
+TEST(client, rst_if_safe_after_the_full_response_leaves_no_time_wait) {
+  running_server s(local_options(1), one_response_session);
+  asio::io_context ioc;
+  std::optional<close_report> rep;
+  std::string body;
+  asio::co_spawn(ioc, client_exchange(s.get().local_endpoints().front(), rep, body), asio::detached);
+  ASSERT_TRUE(run_until(ioc, [&] { return rep.has_value(); }));
+  EXPECT_EQ(body, pattern(1 << 20));
+  EXPECT_EQ(rep->cause, close_cause::safe_reset) << rep->describe();
+  EXPECT_EQ(rep->time_wait, side::none);
+  ASSERT_TRUE(s.wait_closed(1));
+  const auto reports = s.reports();
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_EQ(reports[0].cause, close_cause::peer_reset_idle) << reports[0].describe();
+  std::error_code ec;
+  EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).remote_side, 0u);
+  EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).local_side, 0u);
+}
+
+asio::awaitable<void> try_connect(std::string target, std::optional<error_code>& out) {
+  auto [ec, s] = co_await closewise::connect(co_await asio::this_coro::executor, target, 1s);
+  out = ec;
+}
+
+TEST(client, connect_reports_refusal_and_bad_targets_as_values) {
+  asio::io_context ioc;
+  std::optional<error_code> refused, bad;
+  // A port nobody listens on: bind one, note it, close it.
+  std::uint16_t port;
+  {
+    loopback_pair_factory f(ioc);
+    port = f.port();
+  }
+  asio::co_spawn(ioc, try_connect("127.0.0.1:" + std::to_string(port), refused), asio::detached);
+  asio::co_spawn(ioc, try_connect("not-an-address", bad), asio::detached);
+  ASSERT_TRUE(run_until(ioc, [&] { return refused && bad; }));
+  EXPECT_EQ(*refused, asio::error::connection_refused);
+  EXPECT_EQ(*bad, asio::error::invalid_argument);
 }
 
 }  // namespace
