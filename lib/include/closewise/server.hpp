@@ -42,12 +42,23 @@ enum class overflow_action : std::uint8_t {
   reject,
 };
 
+/// The stream options a server starts from: every wait bounded.
+inline stream_options server_stream_defaults() noexcept {
+  stream_options o;
+  o.idle_timeout = std::chrono::seconds(60);
+  o.read_timeout = std::chrono::seconds(30);
+  o.write_timeout = std::chrono::seconds(30);
+  return o;
+}
+
 /// Server configuration.
 struct server_options {
   std::vector<std::string> listen;      ///< "HOST:PORT" (port 0: any free port), e.g. "127.0.0.1:0", "[::1]:8080"
   std::vector<std::string> unix_paths;  ///< Unix stream socket paths (an existing socket file is replaced)
   unsigned threads = 0;                 ///< I/O threads; 0: hardware concurrency
-  stream_options stream{};              ///< per-connection timeouts and teardown limits
+  /// Per-connection timeouts and teardown limits. Unlike a bare stream, a
+  /// server bounds every wait by default: idle 60 s, read 30 s, write 30 s.
+  stream_options stream = server_stream_defaults();
   close_policy policy = close_policy::graceful;  ///< how the server ends connections by default
   std::size_t max_connections = 10000;
   overflow_action overflow = overflow_action::pause_accept;
