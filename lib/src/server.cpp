@@ -276,7 +276,12 @@ asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, 
     co_await c->io.async_close(c->policy, use_tuple);
   }
   w->connections.erase(c->registration);
-  srv->connection_done(c, *c->io.report());
+  close_report r = *c->io.report();
+  // A drain ended this idle connection: that is its cause. first_fin and
+  // time_wait still say how the FINs went.
+  if (c->drained && (r.cause == close_cause::ours_then_peer_fin || r.cause == close_cause::peer_fin_then_ours))
+    r.cause = close_cause::server_drain;
+  srv->connection_done(c, r);
 }
 
 std::string describe_peer(const asio::generic::stream_protocol::endpoint& e) {

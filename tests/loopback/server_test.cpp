@@ -428,6 +428,7 @@ TEST(server, sigterm_drains_idle_mid_request_and_mid_response_connections) {
     EXPECT_LT(std::chrono::steady_clock::now() - signalled, 5s);
     const auto snap = s.get().stats().snapshot();
     EXPECT_EQ(snap.drain_closed, 1u);
+    EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::server_drain)], 1u);
     EXPECT_EQ(snap.drain_forced, 0u);
     EXPECT_EQ(snap.open, 0u);
     EXPECT_EQ(s.get().forced_in_drain(), 0u);
