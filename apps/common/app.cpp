@@ -53,6 +53,8 @@ void server_flags::add_to(CLI::App& cli) {
                  "At the connection limit: pause (newcomers wait in the backlog) or reject (RST at once)")
       ->check(CLI::IsMember({"pause", "reject"}))
       ->capture_default_str();
+  cli.add_flag("--reuse-port", reuse_port,
+               "SO_REUSEPORT: share the port with other processes (zero-downtime restarts)");
   cli.add_flag("--stats", print_stats, "Print the teardown statistics on exit (stdout)");
   cli.add_option("--stats-format", stats_format, "Format of --stats")
       ->check(CLI::IsMember({"json", "prometheus"}))
@@ -82,6 +84,7 @@ server_options server_flags::to_options() const {
   o.max_connections = max_connections;
   o.overflow = overflow == "reject" ? overflow_action::reject : overflow_action::pause_accept;
   o.handle_signals = true;
+  o.reuse_port = reuse_port;
   return o;
 }
 

@@ -36,6 +36,7 @@ struct server_flags {
   double drain_timeout_s = 10.0;
   std::size_t max_connections = 10000;
   std::string overflow = "pause";
+  bool reuse_port = false;
   bool print_stats = false;
   std::string stats_format = "json";
 

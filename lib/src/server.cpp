@@ -371,6 +371,7 @@ void server::start() {
     const asio::generic::stream_protocol::endpoint gep(ep);
     a->open(gep.protocol());
     a->set_option(asio::socket_base::reuse_address(true));
+    if (impl_->opts.reuse_port) a->set_option(asio::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true));
     if (ep.address().is_v6()) a->set_option(asio::ip::v6_only(true));
     a->bind(gep);
     a->listen(impl_->opts.backlog);

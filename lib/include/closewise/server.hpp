@@ -68,6 +68,11 @@ struct server_options {
   std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
   int backlog = 1024;
   bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
+  /// SO_REUSEPORT on TCP listeners: several processes share one port, so a
+  /// restarted instance can listen before the old one stops. Connections
+  /// still queued on a listener that closes are reset by Linux unless
+  /// net.ipv4.tcp_migrate_req=1 moves them to a sibling listener.
+  bool reuse_port = false;
 };
 
 class server;
