@@ -1,7 +1,5 @@
 #include "closewise/log.hpp"
 
-#include <atomic>
-
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -24,8 +22,8 @@ std::shared_ptr<spdlog::logger>& slot() {
 
 }  // namespace
 
-std::shared_ptr<spdlog::logger> logger() { return std::atomic_load(&slot()); }
+const std::shared_ptr<spdlog::logger>& logger() noexcept { return slot(); }
 
-void set_logger(std::shared_ptr<spdlog::logger> l) { std::atomic_store(&slot(), l ? std::move(l) : make_default()); }
+void set_logger(std::shared_ptr<spdlog::logger> l) { slot() = l ? std::move(l) : make_default(); }
 
 }  // namespace closewise

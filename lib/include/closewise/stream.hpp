@@ -307,7 +307,7 @@ struct stream_impl {
 
   template <class... Args>
   void log(spdlog::level::level_enum level, fmt::format_string<Args...> f, Args&&... args) {
-    auto l = closewise::logger();
+    const auto& l = closewise::logger();
     if (!l->should_log(level)) return;
     l->log(level, "[conn {}] {}", id, fmt::format(f, std::forward<Args>(args)...));
   }
