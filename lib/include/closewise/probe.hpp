@@ -43,7 +43,17 @@ struct socket_probe {
   }
 };
 
-/// Reads TCP_INFO, SIOCINQ, SIOCOUTQ and SIOCOUTQNSD of `fd`. Never throws.
-socket_probe probe(int fd) noexcept;
+/// What to read: each field costs one syscall.
+enum probe_field : unsigned {
+  probe_state = 1u << 0,    ///< TCP_INFO
+  probe_unread = 1u << 1,   ///< SIOCINQ
+  probe_unacked = 1u << 2,  ///< SIOCOUTQ
+  probe_unsent = 1u << 3,   ///< SIOCOUTQNSD
+  probe_all = 0xfu,
+};
+
+/// Reads TCP_INFO, SIOCINQ, SIOCOUTQ and SIOCOUTQNSD of `fd` (those in
+/// `fields`). Never throws.
+socket_probe probe(int fd, unsigned fields = probe_all) noexcept;
 
 }  // namespace closewise

@@ -34,8 +34,8 @@ struct close_report {
   /// Bytes in our receive queue when we closed (SIOCINQ). Non-zero means the
   /// kernel answered our close with RST instead of FIN (DESIGN.md row 7).
   std::uint64_t unread_at_close = 0;
-  /// Bytes not yet acknowledged when we closed (SIOCOUTQ). After an abortive
-  /// close these are lost.
+  /// Bytes not yet acknowledged when we reset the connection (SIOCOUTQ):
+  /// what the RST threw away. Measured only when we send the RST.
   std::uint64_t unacked_at_close = 0;
   tcp_state final_state = tcp_state::unknown;  ///< TCP_INFO state just before the descriptor was closed
   std::string error;                           ///< the error that ended it, if any (message text)

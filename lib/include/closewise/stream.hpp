@@ -169,7 +169,13 @@ struct stream_impl {
     }
     socket_probe last{};
     if (todo.has(action::send_rst) || todo.has(action::close)) {
-      last = probe(fd());
+      // Only what the report can use: input read to the FIN (or cut by a
+      // reset) leaves nothing unread, and unacknowledged bytes are lost only
+      // when we reset. A teardown costs one probe syscall in the common case.
+      unsigned fields = probe_state;
+      if (core.read() != read_state::peer_fin && core.read() != read_state::reset) fields |= probe_unread;
+      if (todo.has(action::send_rst)) fields |= probe_unacked;
+      last = probe(fd(), fields);
       if (todo.has(action::send_rst)) {
         // An explicit close after linger {1,0}: Asio's destructor would turn
         // the linger off and send a FIN instead (see FIELD-NOTES).
