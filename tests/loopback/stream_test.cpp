@@ -459,6 +459,20 @@ TEST_P(stream_test, close_twice_and_abort_during_graceful_give_one_report) {
   EXPECT_EQ(peer.recv_some(&c, 1), 0);
 }
 
+// A close started from inside a write's continuation still counts that
+// write's bytes (the write completed; only its bookkeeping was pending).
+TEST_P(stream_test, close_from_a_write_continuation_counts_the_write) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  std::optional<close_report> rep;
+  asio::async_write(s, asio::buffer(std::string_view("0123456789")), [&](error_code ec, std::size_t) {
+    EXPECT_FALSE(ec);
+    s.async_close(close_policy::abortive, [&](close_report r) { rep = std::move(r); });
+  });
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->bytes_out, 10u) << rep->describe();
+}
+
 // async_close takes over a pending application read.
 TEST_P(stream_test, close_cancels_the_pending_application_read) {
   auto peer = factory_->connect();

@@ -141,6 +141,7 @@ struct stream_impl {
   watch read_w;
   watch write_w;
   timeout_kind timed_out = timeout_kind::none;
+  std::size_t write_completing = 0;  // bytes of a write whose continuation is running
   bool close_requested = false;
   clock::time_point close_started{};
   clock::time_point idle_deadline{};
@@ -192,7 +193,7 @@ struct stream_impl {
     r.policy = core.policy();
     r.close_requested = close_requested;
     r.bytes_in = core.bytes_delivered();
-    r.bytes_out = core.bytes_sent();
+    r.bytes_out = core.bytes_sent() + write_completing;
     r.bytes_discarded = core.bytes_discarded();
     r.drain = core.how_drain_ended();
     if (close_requested) r.drain_time = clock::now() - close_started;
@@ -511,7 +512,9 @@ class basic_stream {
       // beast::http::async_write) issues its next write_some from inside it, and
       // a FIN requested meanwhile must wait for that one too.
       auto keep = impl;
+      keep->write_completing = n;  // counted in a report made inside the continuation
       self.complete(ec, n);
+      keep->write_completing = 0;
       if (keep->core.closing()) keep->touch();
       keep->feed(event::wrote(n));
     }
