@@ -103,6 +103,7 @@ enum class drain_end : std::uint8_t {
   aborted,     ///< an abortive close overrode it
 };
 
+/// Names of every enumerator, as used in reports, logs and JSON (snake_case).
 std::string_view to_string(read_state) noexcept;
 std::string_view to_string(write_state) noexcept;
 std::string_view to_string(phase) noexcept;
@@ -228,8 +229,11 @@ class connection_state {
   /// reason and leave the state untouched.
   step on(const event& e) noexcept;
 
+  /// The read side: open, peer_fin, reset or shut.
   read_state read() const noexcept { return read_; }
+  /// The write side: open, flushing, fin_sent, broken or reset_sent.
   write_state write() const noexcept { return write_; }
+  /// The phase derived from both sides and the teardown in progress.
   phase current_phase() const noexcept;
 
   /// A close was requested (the teardown is in progress or done).
@@ -241,6 +245,7 @@ class connection_state {
   /// The policy of the requested close (meaningful when closing()).
   close_policy policy() const noexcept { return policy_; }
 
+  /// Byte accounting: received == delivered (to the application) + discarded (while draining).
   std::uint64_t bytes_received() const noexcept { return delivered_ + discarded_; }
   std::uint64_t bytes_delivered() const noexcept { return delivered_; }
   std::uint64_t bytes_discarded() const noexcept { return discarded_; }
@@ -251,7 +256,9 @@ class connection_state {
   bool mid_exchange() const noexcept;
   bool exchange_complete() const noexcept { return exchange_complete_; }
 
+  /// Whose FIN went first (none yet, local, peer).
   side first_fin() const noexcept { return first_fin_; }
+  /// Why the connection ended (none until finished()).
   close_cause cause() const noexcept { return cause_; }
   drain_end how_drain_ended() const noexcept { return drain_end_; }
   reset_refusal refusal() const noexcept { return refusal_; }

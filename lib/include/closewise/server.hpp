@@ -60,13 +60,13 @@ struct server_options {
   /// server bounds every wait by default: idle 60 s, read 30 s, write 30 s.
   stream_options stream = server_stream_defaults();
   close_policy policy = close_policy::graceful;  ///< how the server ends connections by default
-  std::size_t max_connections = 10000;
+  std::size_t max_connections = 10000;  ///< open connections at most; see `overflow`
   overflow_action overflow = overflow_action::pause_accept;
   std::size_t write_high_watermark = 1 << 20;  ///< above this many queued bytes, reading pauses
   std::size_t write_low_watermark = 256 << 10; ///< reading resumes below this
   std::chrono::milliseconds drain_timeout{10000};  ///< drain: force (RST) what is still open after this
   std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
-  int backlog = 1024;
+  int backlog = 1024;  ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
   bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
   /// SO_REUSEPORT on TCP listeners: several processes share one port, so a
   /// restarted instance can listen before the old one stops. Connections
@@ -84,9 +84,11 @@ class connection {
  public:
   /// The AsyncStream: use it directly, e.g. under beast::http::async_read.
   stream& io() noexcept;
+  /// The connection's half-close state machine (read side, write side, phase).
   const connection_state& state() const noexcept;
   /// "HOST:PORT" of the peer, or "unix" for a Unix socket.
   const std::string& peer() const noexcept;
+  /// The number in this connection's log lines ("[conn N]").
   std::uint64_t id() const noexcept;
 
   /// True once the server drains: finish the exchange in progress (HTTP:
@@ -95,6 +97,7 @@ class connection {
 
   /// How the server closes this connection when the session returns.
   void set_close_policy(close_policy p) noexcept;
+  /// The policy the server will close with (the server's default until set).
   close_policy policy() const noexcept;
 
   /// Reads some bytes; completes with asio::error::eof for the peer's FIN
@@ -107,6 +110,7 @@ class connection {
   /// Queues bytes; a writer sends them in order. Check `queued()` or await
   /// `flush()`; `read_some` applies the watermarks.
   void send(std::string bytes);
+  /// Bytes queued by `send` and not yet written.
   std::size_t queued() const noexcept;
   /// Waits until everything queued was written; the first write error.
   asio::awaitable<error_code> flush();
@@ -118,6 +122,7 @@ class connection {
   /// does not close it again).
   asio::awaitable<close_report> close(close_policy p);
 
+  /// Made by the server; a session receives it by reference.
   explicit connection(std::shared_ptr<connection_impl> impl) noexcept : impl_(std::move(impl)) {}
 
  private:
@@ -135,7 +140,11 @@ using close_observer = std::function<void(const connection&, const close_report&
 /// `drain`, `stop`, `stats` and `local_endpoints` from any thread.
 class server {
  public:
+  /// Prepares the I/O threads' contexts; nothing listens until `start`.
   server(server_options opts, session_handler session);
+  /// Stops the I/O threads (if `run` is still going, call `stop` and join it
+  /// first). Sessions still suspended are destroyed: their sockets close
+  /// without a policy (a plain close), and no report is counted for them.
   ~server();
   server(const server&) = delete;
   server& operator=(const server&) = delete;
@@ -158,11 +167,12 @@ class server {
   /// Sets an observer of every close report (before `start`).
   void on_close(close_observer f);
 
+  /// The teardown counters (see stats.hpp); read them from any thread.
   const server_stats& stats() const noexcept;
   /// Connections forced at the drain deadline in the last drain.
   std::uint64_t forced_in_drain() const noexcept;
 
-  struct impl;
+  struct impl;  ///< implementation detail (lib/src/server.cpp)
 
  private:
   std::shared_ptr<impl> impl_;

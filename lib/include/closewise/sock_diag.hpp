@@ -24,12 +24,13 @@ struct diag_socket {
 /// (0: all). On failure returns what it has and sets `ec`.
 std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, std::error_code& ec);
 
-/// Counts the sockets in `state` among `list_tcp_sockets(port)`; sockets
-/// whose local port is `port` count as the listener's side.
+/// How many sockets of a port are in one state, by side.
 struct state_count {
   std::size_t local_side = 0;   ///< local port == port (the server's side of its connections)
   std::size_t remote_side = 0;  ///< remote port == port (the clients' side)
 };
+/// Counts the sockets in `state` among `list_tcp_sockets(port)`; sockets
+/// whose local port is `port` count as the listener's side.
 state_count count_tcp_state(std::uint16_t port, tcp_state state, std::error_code& ec);
 
 }  // namespace closewise

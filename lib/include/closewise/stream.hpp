@@ -342,7 +342,9 @@ class basic_stream {
   explicit basic_stream(Arg&& arg, stream_options opts = {})
       : impl_(std::make_shared<impl_type>(opts, std::forward<Arg>(arg))) {}
 
+  /// Moves the connection; the moved-from stream is empty (use only to destroy or assign).
   basic_stream(basic_stream&&) noexcept = default;
+  /// Closes this stream's own connection first (as the destructor does), then takes `other`'s.
   basic_stream& operator=(basic_stream&& other) noexcept {
     if (this != &other) {
       abandon();
@@ -356,7 +358,10 @@ class basic_stream {
   /// Closes the socket if no close ran (plain close, cause local_error).
   ~basic_stream() { abandon(); }
 
+  /// The socket's executor: every operation of this stream runs there.
   executor_type get_executor() noexcept { return impl_->next.get_executor(); }
+  /// The wrapped socket. Reading or writing it directly bypasses the state
+  /// machine; closing it behind the stream's back loses the report's details.
   NextLayer& next_layer() noexcept { return impl_->next; }
   const NextLayer& next_layer() const noexcept { return impl_->next; }
 
@@ -364,6 +369,7 @@ class basic_stream {
   const connection_state& state() const noexcept { return impl_->core; }
   /// This connection's number in log lines.
   std::uint64_t id() const noexcept { return impl_->id; }
+  /// Timeouts and teardown limits; `set_options` applies to operations started afterwards.
   const stream_options& options() const noexcept { return impl_->opts; }
   void set_options(const stream_options& o) noexcept { impl_->opts = o; }
 
