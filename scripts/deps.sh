@@ -2,11 +2,12 @@
 # Checks that the Debian packages closewise needs are installed; as root it
 # installs the missing ones, otherwise it prints the command to do so and fails.
 #
-#   scripts/deps.sh [build|test|all]          # run it (default: all)
+#   scripts/deps.sh [build|test|fuzz|all]     # run it (default: all)
 #   source scripts/deps.sh; closewise_deps build   # or source it and call the function
 #
 # build: what configuring and compiling needs. test: build + the tools the
-# loopback tests drive (ss, nc, socat, curl).
+# loopback and fault tests drive (ss, nc, socat, curl, nft). fuzz: build +
+# clang-14 and its runtimes (libFuzzer, ASan, UBSan) for scripts/fuzz.
 #
 # Environment:
 #   CLOSEWISE_SKIP_DEPS=1            skip the check (a non-Debian machine, a hand-made toolchain)
@@ -18,7 +19,9 @@ CLOSEWISE_BUILD_PACKAGES=(
   cmake ninja-build g++
   libboost1.81-dev libspdlog-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
 )
-CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl)
+CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables)
+# scripts/fuzz: libFuzzer and the sanitizer runtimes come with clang's runtime package.
+CLOSEWISE_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev)
 
 # Prints, one a line, those of the given packages that are not installed.
 # One dpkg-query for all of them: a package dpkg has never heard of is simply
@@ -42,8 +45,9 @@ closewise_deps() {
   case $group in
     build) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}") ;;
     test | all) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}" "${CLOSEWISE_TEST_PACKAGES[@]}") ;;
+    fuzz) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}" "${CLOSEWISE_FUZZ_PACKAGES[@]}") ;;
     *)
-      printf 'closewise: deps: unknown group "%s" (build, test or all)\n' "$group" >&2
+      printf 'closewise: deps: unknown group "%s" (build, test, fuzz or all)\n' "$group" >&2
       return 2
       ;;
   esac

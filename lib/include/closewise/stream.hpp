@@ -141,7 +141,8 @@ struct stream_impl {
   watch read_w;
   watch write_w;
   timeout_kind timed_out = timeout_kind::none;
-  std::size_t write_completing = 0;  // bytes of a write whose continuation is running
+  std::size_t write_completing = 0;     // bytes of a write whose continuation is running
+  bool in_write_continuation = false;  // that write is done, though the core still counts it
   bool close_requested = false;
   clock::time_point close_started{};
   clock::time_point idle_deadline{};
@@ -273,7 +274,10 @@ struct stream_impl {
     std::chrono::milliseconds limit = opts.write_timeout;
     w.kind = timeout_kind::write;
     if (reading) {
-      const bool idle = !core.mid_exchange();
+      // A read started from the continuation of the only write in flight
+      // follows a completed answer: it waits for a new exchange.
+      const bool answered = in_write_continuation && core.writes_in_flight() == 1;
+      const bool idle = !core.mid_exchange() || answered;
       limit = idle ? opts.idle_timeout : opts.read_timeout;
       w.kind = idle ? timeout_kind::idle : timeout_kind::read;
     }
@@ -402,6 +406,9 @@ class basic_stream {
   }
 
   /// Writes some bytes. After our FIN the kernel answers EPIPE (DESIGN.md row 5).
+  /// Inside the completion handler, `state()` still counts this write as in
+  /// flight (a composed write issues its next step from there, and a FIN
+  /// requested meanwhile must wait for it); it is retired when the handler returns.
   template <class ConstBufferSequence, class CompletionToken>
   auto async_write_some(const ConstBufferSequence& buffers, CompletionToken&& token) {
     return asio::async_compose<CompletionToken, void(error_code, std::size_t)>(
@@ -510,7 +517,14 @@ class basic_stream {
       }
       if (raw && raw != asio::error::operation_aborted) {
         impl->note_error(ec);
-        impl->feed(event::write_failed(to_io_error(ec)));
+        if (raw == asio::error::eof) {
+          // A socket write never says EOF; a next layer such as TLS does when
+          // the peer closed its side. The write is over, and so is the input.
+          impl->feed(event::wrote(n));
+          impl->feed(event::read_eof());
+        } else {
+          impl->feed(event::write_failed(to_io_error(ec)));
+        }
         self.complete(ec, n);
         return;
       }
@@ -519,7 +533,9 @@ class basic_stream {
       // a FIN requested meanwhile must wait for that one too.
       auto keep = impl;
       keep->write_completing = n;  // counted in a report made inside the continuation
+      keep->in_write_continuation = true;
       self.complete(ec, n);
+      keep->in_write_continuation = false;
       keep->write_completing = 0;
       if (keep->core.closing()) keep->touch();
       keep->feed(event::wrote(n));
