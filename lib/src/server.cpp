@@ -82,6 +82,7 @@ struct connection_impl {
   bool writer_running = false;
   error_code write_error;
   asio::steady_timer queue_signal;  // cancelled whenever the queue shrank or failed
+  bool exchange_open = false;       // the session said an exchange is in progress
   bool drained = false;             // closed by a drain while idle
   bool forced = false;              // reset at the drain deadline
 };
@@ -155,7 +156,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
         c->forced = true;
         forced.fetch_add(1, std::memory_order_relaxed);
         c->io.async_close(close_policy::abortive, [](close_report) {});
-      } else if (c->io.read_pending() && !c->io.state().mid_exchange()) {
+      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
@@ -178,7 +179,11 @@ bool connection::draining() const noexcept { return impl_->owner->draining.load(
 void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
 close_policy connection::policy() const noexcept { return impl_->policy; }
 std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
-void connection::mark_exchange_complete() { impl_->io.mark_exchange_complete(); }
+void connection::mark_exchange_complete() {
+  impl_->exchange_open = false;
+  impl_->io.mark_exchange_complete();
+}
+void connection::mark_exchange_open() noexcept { impl_->exchange_open = true; }
 
 namespace {
 

@@ -454,6 +454,45 @@ TEST(server, drain_resets_what_is_left_at_its_deadline) {
   EXPECT_EQ(s.get().forced_in_drain(), 1u);
 }
 
+// An interim answer (like HTTP's 100 Continue) leaves no input unanswered,
+// yet the exchange goes on: mark_exchange_open keeps a drain from closing it.
+asio::awaitable<void> interim_session(connection& c) {
+  std::array<char, 64> buf;
+  auto [ec, n] = co_await c.read_some(asio::buffer(buf));  // "begin"
+  if (ec) co_return;
+  if (co_await c.write(asio::buffer(std::string_view("go on\n")))) co_return;
+  c.mark_exchange_open();
+  auto [ec2, n2] = co_await c.read_some(asio::buffer(buf));  // the body, after the interim answer
+  if (n2 > 0) co_await c.write(asio::buffer(std::string_view("done\n")));
+  c.mark_exchange_complete();
+}
+
+TEST(server, drain_waits_for_an_exchange_marked_open_after_an_interim_answer) {
+  auto o = local_options(1);
+  o.drain_timeout = 5s;
+  running_server s(o, interim_session);
+  auto peer = connect_to(s.port());
+  ASSERT_EQ(peer.send(std::string("begin")), 5);
+  std::string got(6, '\0');
+  for (std::size_t have = 0; have < 6;) {
+    const long r = peer.recv_some(got.data() + have, 6 - have);
+    ASSERT_GT(r, 0);
+    have += static_cast<std::size_t>(r);
+  }
+  ASSERT_EQ(got, "go on\n");
+  s.get().drain();
+  // Give the drain passes time to (wrongly) close us: poll for an early EOF.
+  pollfd pfd{peer.fd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&pfd, 1, 200), 0) << "the drain closed an exchange in progress";
+  ASSERT_EQ(peer.send(std::string("body")), 4);
+  std::string rest;
+  EXPECT_TRUE(peer.drain(&rest).eof);
+  EXPECT_EQ(rest, "done\n");
+  peer.close();  // our FIN ends the server's graceful close
+  EXPECT_TRUE(s.wait_run_returned(3s));
+  EXPECT_EQ(s.get().stats().snapshot().drain_forced, 0u);
+}
+
 // ---- races: 4 I/O threads, peers doing everything at once ----
 
 TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {

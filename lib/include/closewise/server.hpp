@@ -118,6 +118,10 @@ class connection {
   asio::awaitable<error_code> shutdown_write();
   /// Marks the exchange complete (see basic_stream::mark_exchange_complete).
   void mark_exchange_complete();
+  /// Says an exchange is in progress although no input is unanswered, e.g.
+  /// after an interim response (HTTP 100 Continue): a drain then waits for it
+  /// instead of closing the connection as idle. Cleared by mark_exchange_complete.
+  void mark_exchange_open() noexcept;
   /// Ends the connection now with `p` and returns the report (the server
   /// does not close it again).
   asio::awaitable<close_report> close(close_policy p);

@@ -586,6 +586,10 @@ class basic_stream {
       auto& s = *impl;
       switch (stage) {
         case starting:
+          // Asked from inside a write's completion handler: that write is
+          // done but not yet retired (see async_write_some). Decide once it is,
+          // or rst_if_safe would refuse over a write that already finished.
+          if (s.in_write_continuation) return asio::post(std::move(self));
           if (s.core.finished()) return post_complete(self);
           if (s.core.closing() && policy != close_policy::abortive) return wait_finish(self);
           if (!s.core.closing()) {

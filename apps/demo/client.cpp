@@ -1,0 +1,266 @@
+#include "demo/client.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include <boost/beast/core/string.hpp>
+
+#include "closewise/server.hpp"
+#include "reqresp/http_rules.hpp"
+
+namespace closewise::demo {
+
+namespace {
+
+int poll_for(int fd, short events, std::chrono::milliseconds limit) noexcept {
+  pollfd p{fd, events, 0};
+  for (;;) {
+    const int r = ::poll(&p, 1, static_cast<int>(limit.count()));
+    if (r < 0 && errno == EINTR) continue;
+    return r;
+  }
+}
+
+std::uint16_t port_of(const sockaddr_storage& a) noexcept {
+  if (a.ss_family == AF_INET6) return ntohs(reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port);
+  return ntohs(reinterpret_cast<const sockaddr_in*>(&a)->sin_port);
+}
+
+std::string_view trim(std::string_view s) noexcept {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+// Parses "HTTP/1.1 200 OK\r\nName: value\r\n...\r\n\r\n" (the head, terminator included).
+void parse_head(std::string_view head, response_read& r) {
+  const auto eol = head.find("\r\n");
+  const std::string_view status_line = head.substr(0, eol);
+  if (status_line.size() >= 12 && status_line.starts_with("HTTP/1.")) {
+    std::from_chars(status_line.data() + 9, status_line.data() + 12, r.status);
+  }
+  std::string_view rest = head.substr(eol + 2);
+  while (!rest.empty()) {
+    const auto end = rest.find("\r\n");
+    const std::string_view line = rest.substr(0, end);
+    rest = end == std::string_view::npos ? std::string_view{} : rest.substr(end + 2);
+    const auto colon = line.find(':');
+    if (colon == std::string_view::npos) continue;
+    const std::string_view name = line.substr(0, colon);
+    const std::string_view value = trim(line.substr(colon + 1));
+    if (boost::beast::iequals(name, "content-length")) {
+      std::uint64_t n = 0;
+      if (std::from_chars(value.data(), value.data() + value.size(), n).ec == std::errc{}) r.content_length = n;
+    } else if (boost::beast::iequals(name, "connection") && boost::beast::iequals(value, "close")) {
+      r.connection_close = true;
+    }
+  }
+}
+
+void take_body(response_read& r, const char* data, std::size_t n) {
+  std::uint64_t wanted = n;
+  if (r.content_length) {
+    const std::uint64_t room = *r.content_length > r.body_bytes ? *r.content_length - r.body_bytes : 0;
+    wanted = std::min<std::uint64_t>(n, room);
+    r.extra_bytes += n - wanted;
+  }
+  const std::string_view body(data, static_cast<std::size_t>(wanted));
+  if (r.body_prefix.size() < 4096) r.body_prefix.append(body.substr(0, 4096 - r.body_prefix.size()));
+  if (r.check_pattern && !r.first_bad_byte) {
+    if (auto bad = reqresp::pattern_mismatch(body, r.body_bytes)) r.first_bad_byte = r.body_bytes + *bad;
+  }
+  r.body_bytes += wanted;
+}
+
+}  // namespace
+
+std::string_view to_string(read_end e) noexcept {
+  switch (e) {
+    case read_end::none:
+      return "stopped";
+    case read_end::eof:
+      return "EOF";
+    case read_end::reset:
+      return "ECONNRESET";
+    case read_end::timeout:
+      return "timeout";
+    case read_end::error:
+      return "error";
+  }
+  return "?";
+}
+
+std::string errno_name(int e) {
+  switch (e) {
+    case 0:
+      return "none";
+    case ECONNRESET:
+      return "ECONNRESET";
+    case EPIPE:
+      return "EPIPE";
+    case ETIMEDOUT:
+      return "ETIMEDOUT";
+    case ECONNREFUSED:
+      return "ECONNREFUSED";
+    case ENOTCONN:
+      return "ENOTCONN";
+    default:
+      return "errno " + std::to_string(e);
+  }
+}
+
+std::optional<raw_client> raw_client::connect(const std::string& target, int rcvbuf, std::chrono::milliseconds limit,
+                                              std::string& error) {
+  asio::ip::tcp::endpoint ep;
+  try {
+    ep = parse_endpoint(target);
+  } catch (const std::exception& e) {
+    error = e.what();
+    return std::nullopt;
+  }
+  const int fd = ::socket(ep.address().is_v6() ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    error = std::string("socket: ") + std::strerror(errno);
+    return std::nullopt;
+  }
+  raw_client c(fd);
+  if (rcvbuf > 0) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  // Non-blocking only for the connect, so that it is bounded too.
+  const int flags = ::fcntl(fd, F_GETFL);
+  ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  int rc = ::connect(fd, static_cast<const sockaddr*>(ep.data()), static_cast<socklen_t>(ep.size()));
+  if (rc != 0 && errno == EINPROGRESS) {
+    if (poll_for(fd, POLLOUT, limit) <= 0) {
+      error = "connect to " + target + ": timed out";
+      return std::nullopt;
+    }
+    int err = 0;
+    socklen_t len = sizeof(err);
+    ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    rc = err == 0 ? 0 : -1;
+    errno = err;
+  }
+  if (rc != 0) {
+    error = "connect to " + target + ": " + std::strerror(errno);
+    return std::nullopt;
+  }
+  ::fcntl(fd, F_SETFL, flags);
+  return c;
+}
+
+raw_client::raw_client(raw_client&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+raw_client& raw_client::operator=(raw_client&& o) noexcept {
+  std::swap(fd_, o.fd_);
+  return *this;
+}
+
+std::uint16_t raw_client::local_port() const noexcept {
+  sockaddr_storage a{};
+  socklen_t len = sizeof(a);
+  if (::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+  return port_of(a);
+}
+
+std::uint16_t raw_client::remote_port() const noexcept {
+  sockaddr_storage a{};
+  socklen_t len = sizeof(a);
+  if (::getpeername(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) return 0;
+  return port_of(a);
+}
+
+int raw_client::send_all(std::string_view data, std::chrono::milliseconds limit) noexcept {
+  while (!data.empty()) {
+    if (poll_for(fd_, POLLOUT, limit) <= 0) return ETIMEDOUT;
+    const ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return errno;
+    }
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return 0;
+}
+
+long raw_client::recv_some(char* data, std::size_t n, std::chrono::milliseconds limit) noexcept {
+  for (;;) {
+    if (poll_for(fd_, POLLIN, limit) <= 0) return -ETIMEDOUT;
+    const ssize_t r = ::recv(fd_, data, n, MSG_DONTWAIT);
+    if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    return r < 0 ? -errno : static_cast<long>(r);
+  }
+}
+
+void raw_client::shutdown_write() noexcept { ::shutdown(fd_, SHUT_WR); }
+
+void raw_client::reset() noexcept {
+  if (fd_ < 0) return;
+  const linger l{1, 0};
+  ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  close();
+}
+
+void raw_client::close() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+}
+
+void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit) {
+  // An earlier call saw the end. After ECONNRESET Linux returns 0 on the next
+  // read (DESIGN.md row 8): reading on would turn the reset into an "EOF".
+  if (r.end != read_end::none) return;
+  std::vector<char> buf(64 * 1024);
+  std::string head;
+  for (;;) {
+    std::size_t want = buf.size();
+    if (r.head_complete && body_goal != until_end) {
+      const std::uint64_t goal = r.content_length ? std::min(body_goal, *r.content_length) : body_goal;
+      if (r.body_bytes >= goal) return;
+      // Never read past the goal: the rest must stay in the kernel.
+      want = static_cast<std::size_t>(std::min<std::uint64_t>(want, goal - r.body_bytes));
+    }
+    const long n = c.recv_some(buf.data(), want, limit);
+    if (n == 0) {
+      r.end = read_end::eof;
+      return;
+    }
+    if (n < 0) {
+      r.error = static_cast<int>(-n);
+      r.end = n == -ECONNRESET ? read_end::reset : n == -ETIMEDOUT ? read_end::timeout : read_end::error;
+      return;
+    }
+    if (r.head_complete) {
+      take_body(r, buf.data(), static_cast<std::size_t>(n));
+      continue;
+    }
+    head.append(buf.data(), static_cast<std::size_t>(n));
+    const auto end = head.find("\r\n\r\n");
+    if (end == std::string::npos) {
+      if (head.size() > 64 * 1024) {
+        r.end = read_end::error;
+        r.error = EPROTO;
+        return;
+      }
+      continue;
+    }
+    r.head_complete = true;
+    r.head_bytes = end + 4;
+    parse_head(std::string_view(head).substr(0, end + 4), r);
+    take_body(r, head.data() + end + 4, head.size() - end - 4);
+  }
+}
+
+}  // namespace closewise::demo

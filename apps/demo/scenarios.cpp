@@ -1,0 +1,593 @@
+#include "demo/scenarios.hpp"
+
+#include <algorithm>
+#include <fstream>
+#include <memory>
+#include <thread>
+
+#include <fmt/format.h>
+#include <boost/asio/ip/address.hpp>
+
+#include "closewise/probe.hpp"
+#include "closewise/server.hpp"
+#include "closewise/sock_diag.hpp"
+#include "reqresp/http_rules.hpp"
+#include "reqresp/http_session.hpp"
+
+namespace closewise::demo {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// The client's receive buffer in the scenarios that stop reading: fixed, so
+// receive autotuning cannot grow it into megabytes that would swallow the
+// rest of the response (then nothing would be left to lose).
+constexpr int small_rcvbuf = 64 * 1024;
+// A request pipelined behind the first one, sent after the server read that one.
+constexpr std::string_view pipelined = "GET / HTTP/1.1\r\nHost: demo\r\n\r\n";
+
+// ---- the kernel's view of one connection -----------------------------------
+
+struct pair_view {
+  std::optional<tcp_state> server_side;  // nullopt: not listed
+  std::optional<tcp_state> client_side;
+  bool error = false;
+};
+
+pair_view look(std::uint16_t server_port, std::uint16_t client_port) {
+  pair_view v;
+  std::error_code ec;
+  for (const auto& s : list_tcp_sockets(client_port, ec)) {
+    if (s.local_port == server_port && s.remote_port == client_port) v.server_side = s.state;
+    if (s.local_port == client_port && s.remote_port == server_port) v.client_side = s.state;
+  }
+  v.error = static_cast<bool>(ec);
+  return v;
+}
+
+// Waits until the server's socket of this connection left ESTABLISHED: it
+// sent its FIN (graceful: FIN_WAIT1 behind the unsent data) or is gone
+// (closed with RST). nullopt at the limit; tcp_state::unknown when gone.
+std::optional<tcp_state> wait_server_left_established(std::uint16_t server_port, std::uint16_t client_port,
+                                                      std::chrono::milliseconds limit) {
+  const auto end = clock::now() + limit;
+  for (;;) {
+    const pair_view v = look(server_port, client_port);
+    if (!v.error) {
+      if (!v.server_side) return tcp_state::unknown;
+      if (*v.server_side != tcp_state::established) return v.server_side;
+    }
+    if (clock::now() >= end) return std::nullopt;
+    std::this_thread::sleep_for(1ms);  // polling kernel state, not synchronising threads
+  }
+}
+
+// Waits until the peer's kernel acknowledged everything we sent (our
+// SIOCOUTQ is 0): the bytes are in its receive queue.
+bool wait_acknowledged(const raw_client& c, std::chrono::milliseconds limit) {
+  const auto end = clock::now() + limit;
+  for (;;) {
+    const auto unacked = probe(c.fd()).unacked;
+    if (unacked && *unacked == 0) return true;
+    if (clock::now() >= end) return false;
+    std::this_thread::sleep_for(1ms);  // polling kernel state, not synchronising threads
+  }
+}
+
+struct time_wait_view {
+  time_wait_holder holder = time_wait_holder::unknown;
+  std::string detail;
+  bool settled = false;
+};
+
+// Once both ends are closed: waits until every socket of the connection is in
+// TIME_WAIT or gone, then says whose TIME_WAIT it is.
+time_wait_view observe_time_wait(std::uint16_t server_port, std::uint16_t client_port, bool server_visible,
+                                 std::chrono::milliseconds limit) {
+  const auto end = clock::now() + limit;
+  time_wait_view out;
+  for (;;) {
+    const pair_view v = look(server_port, client_port);
+    const auto final_state = [](std::optional<tcp_state> s) {
+      return !s || *s == tcp_state::time_wait || *s == tcp_state::close;
+    };
+    const bool server_tw = v.server_side == tcp_state::time_wait;
+    const bool client_tw = v.client_side == tcp_state::time_wait;
+    out.settled = !v.error && final_state(v.server_side) && final_state(v.client_side);
+    if (out.settled || clock::now() >= end) {
+      if (v.error) {
+        out.detail = "sock_diag failed";
+        return out;
+      }
+      out.holder = server_tw && client_tw ? time_wait_holder::both
+                   : server_tw            ? time_wait_holder::server
+                   : client_tw            ? time_wait_holder::client
+                                          : time_wait_holder::none;
+      if (!server_visible && !server_tw) {
+        out.holder = client_tw ? time_wait_holder::client : time_wait_holder::unknown;
+        out.detail = std::string(to_string(out.holder)) + " (server side not visible)";
+      } else {
+        out.detail = std::string(to_string(out.holder));
+      }
+      if (!out.settled) {
+        out.detail +=
+            fmt::format(" (unsettled: server {}, client {})", v.server_side ? to_string(*v.server_side) : "gone",
+                        v.client_side ? to_string(*v.client_side) : "gone");
+      }
+      return out;
+    }
+    std::this_thread::sleep_for(1ms);  // polling kernel state, not synchronising threads
+  }
+}
+
+// ---- one scenario's setting ---------------------------------------------
+
+struct context {
+  const options& opts;
+  std::unique_ptr<reqresp::http_server> server;  // in-process only
+  std::string endpoint;
+  std::uint16_t server_port = 0;
+  bool server_visible = true;  // the server's sockets are in our kernel (sock_diag sees them)
+
+  bool in_process() const noexcept { return server != nullptr; }
+  std::string path(std::uint64_t size) const {
+    if (in_process()) return "/bytes/" + std::to_string(size);
+    std::string p = opts.target_path;
+    if (const auto at = p.find("{size}"); at != std::string::npos) p.replace(at, 6, std::to_string(size));
+    return p;
+  }
+  bool checks_pattern() const { return in_process() || opts.target_path.starts_with("/bytes/"); }
+};
+
+std::unique_ptr<context> make_context(const options& opts, close_policy policy, std::string& error) {
+  auto ctx = std::make_unique<context>(context{opts, nullptr, {}, 0, true});
+  try {
+    if (opts.target) {
+      ctx->endpoint = *opts.target;
+      const auto ep = parse_endpoint(*opts.target);
+      ctx->server_port = ep.port();
+      ctx->server_visible = ep.address().is_loopback();
+    } else {
+      server_options so;
+      so.listen = {"127.0.0.1:0"};
+      so.threads = 1;
+      so.policy = policy;
+      ctx->server = std::make_unique<reqresp::http_server>(so, reqresp::http_options{});
+      ctx->endpoint = ctx->server->endpoint();
+      ctx->server_port = ctx->server->port();
+    }
+  } catch (const std::exception& e) {
+    error = e.what();
+    return nullptr;
+  }
+  return ctx;
+}
+
+std::string get_request(const std::string& path, bool close) {
+  return fmt::format("GET {} HTTP/1.1\r\nHost: demo\r\nUser-Agent: closewise-demo\r\n{}\r\n", path,
+                     close ? "Connection: close\r\n" : "");
+}
+
+// Accumulates the deviations from the expectation.
+void expect(scenario_result& res, bool ok, const std::string& what) {
+  if (ok) return;
+  if (!res.mismatch.empty()) res.mismatch += "; ";
+  res.mismatch += what;
+}
+
+std::string describe_client(const response_read& r, std::string_view our_action) {
+  std::string s;
+  if (!r.head_complete) {
+    s = "no response head";
+  } else if (r.status != 200) {
+    s = fmt::format("{} ({} of {})", r.status, human_bytes(r.body_bytes), human_bytes(r.content_length.value_or(0)));
+  } else if (r.complete()) {
+    s = fmt::format("all {}{}", human_bytes(r.body_bytes), r.intact() ? "" : " (CORRUPT)");
+  } else {
+    s = fmt::format("{} of {}", human_bytes(r.body_bytes), human_bytes(r.content_length.value_or(0)));
+  }
+  if (!our_action.empty()) return s + ", then " + std::string(our_action);
+  if (r.end == read_end::error) return s + ", then " + errno_name(r.error);
+  return s + ", then " + std::string(to_string(r.end));
+}
+
+std::string describe_server(const close_report& r) {
+  std::string s(to_string(r.cause));
+  std::vector<std::string> notes;
+  if (r.rst_received) notes.push_back(fmt::format("RST received after {} sent", human_bytes(r.bytes_out)));
+  if (r.cause == close_cause::broken_pipe)
+    notes.push_back(fmt::format("EPIPE after {} sent", human_bytes(r.bytes_out)));
+  if (r.kernel_reset()) notes.push_back(fmt::format("kernel sent RST: {} B unread", r.unread_at_close));
+  if (r.cause == close_cause::local_abort) {
+    notes.push_back(fmt::format("RST, {} unacked dropped", human_bytes(r.unacked_at_close)));
+  }
+  if (r.cause == close_cause::safe_reset) notes.push_back(fmt::format("RST at SIOCOUTQ {}", r.unacked_at_close));
+  if (r.bytes_discarded > 0) notes.push_back(fmt::format("drained {} B", r.bytes_discarded));
+  if (r.refusal != reset_refusal::none) notes.push_back(fmt::format("no RST: {}", to_string(r.refusal)));
+  for (std::size_t i = 0; i < notes.size(); ++i) s += (i == 0 ? " (" : "; ") + notes[i];
+  return notes.empty() ? s : s + ")";
+}
+
+// What every scenario records once the client is done: the server's report,
+// TIME_WAIT, the verdict, and the comparison with the expectation.
+struct expectation {
+  bool data_lost = false;
+  std::vector<read_end> client_end;       // any of these
+  std::vector<close_cause> server_cause;  // any of these (in-process)
+  time_wait_holder time_wait = time_wait_holder::none;
+};
+
+void finish(scenario_result& res, context& ctx, std::uint16_t client_port, const response_read& r,
+            const expectation& want) {
+  res.expected_bytes = r.content_length.value_or(0);
+  res.received_bytes = r.body_bytes;
+  res.status = r.status;
+  res.intact = r.intact();
+  res.client_end = r.end;
+  res.data_lost = !(r.complete() && r.intact());
+
+  if (ctx.in_process()) {
+    res.server_report = ctx.server->take_report(client_port, ctx.opts.wait_limit);
+    res.server_saw = res.server_report ? describe_server(*res.server_report) : "no close report";
+  } else {
+    res.server_saw = "n/a (external server)";
+  }
+  const time_wait_view tw = observe_time_wait(ctx.server_port, client_port, ctx.server_visible, ctx.opts.wait_limit);
+  res.time_wait = tw.holder;
+  res.time_wait_detail = tw.detail;
+
+  std::string causes;
+  for (auto c : want.server_cause) causes += (causes.empty() ? "" : " or ") + std::string(to_string(c));
+  std::string ends;
+  for (auto e : want.client_end) ends += (ends.empty() ? "" : " or ") + std::string(to_string(e));
+  res.expected = fmt::format("{}; client ends with {}; server {}; TIME_WAIT {}", want.data_lost ? "data lost" : "safe",
+                             ends, ctx.in_process() ? causes : "n/a", to_string(want.time_wait));
+
+  expect(res, r.head_complete, "no response head");
+  expect(res, res.data_lost == want.data_lost,
+         fmt::format("verdict {} (expected {})", res.verdict(), want.data_lost ? "data lost" : "safe"));
+  expect(res, std::find(want.client_end.begin(), want.client_end.end(), r.end) != want.client_end.end(),
+         fmt::format("client read ended with {} (expected {})",
+                     r.end == read_end::error ? errno_name(r.error) : std::string(to_string(r.end)), ends));
+  expect(res, r.intact(), "response bytes differ from the pattern");
+  if (ctx.in_process()) {
+    expect(res, res.server_report.has_value(), "the server reported no close");
+    if (res.server_report) {
+      expect(res,
+             std::find(want.server_cause.begin(), want.server_cause.end(), res.server_report->cause) !=
+                 want.server_cause.end(),
+             fmt::format("server close_cause {} (expected {})", to_string(res.server_report->cause), causes));
+    }
+  }
+  if (tw.holder != time_wait_holder::unknown || ctx.server_visible) {
+    expect(res, tw.settled, "the connection did not settle: " + tw.detail);
+    expect(res, tw.holder == want.time_wait,
+           fmt::format("TIME_WAIT held by {} (expected {})", to_string(tw.holder), to_string(want.time_wait)));
+  }
+}
+
+scenario_result skipped(scenario_result res, std::string why) {
+  res.skipped = true;
+  res.matches = true;
+  res.skip_reason = std::move(why);
+  return res;
+}
+
+scenario_result failed(scenario_result res, std::string why) {
+  res.matches = false;
+  res.mismatch = std::move(why);
+  return res;
+}
+
+// Opens the scenario's connection and sends `request`.
+std::optional<raw_client> open_and_send(context& ctx, int rcvbuf, std::string_view request, scenario_result& res) {
+  std::string error;
+  auto c = raw_client::connect(ctx.endpoint, rcvbuf, ctx.opts.wait_limit, error);
+  if (!c) {
+    res.mismatch = error;
+    return std::nullopt;
+  }
+  if (const int e = c->send_all(request, ctx.opts.wait_limit)) {
+    res.mismatch = "sending the request: " + errno_name(e);
+    return std::nullopt;
+  }
+  return c;
+}
+
+// ---- the scenarios ---------------------------------------------------------
+
+// 1 and 2: the client has everything, then ends the connection itself.
+scenario_result client_closes_after_full_response(const options& opts, bool with_rst) {
+  scenario_result res;
+  res.number = with_rst ? 1 : 2;
+  res.title =
+      with_rst ? "client reads the whole response, then resets" : "client reads the whole response, then closes";
+  res.closer = with_rst ? "client: RST (SO_LINGER 0) after the last byte" : "client: close() (FIN) after the last byte";
+  std::string error;
+  auto ctx = make_context(opts, close_policy::graceful, error);
+  if (!ctx) return failed(res, error);
+  auto c = open_and_send(*ctx, 0, get_request(ctx->path(opts.size), false), res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  response_read r;
+  r.check_pattern = ctx->checks_pattern();
+  read_response(*c, r, whole_body, opts.wait_limit);
+  with_rst ? c->reset() : c->close();
+  r.end = read_end::none;
+  expectation want;
+  want.client_end = {read_end::none};
+  if (with_rst) {
+    want.server_cause = {close_cause::peer_reset_idle};
+    want.time_wait = time_wait_holder::none;
+  } else {
+    want.server_cause = {close_cause::peer_fin_then_ours};
+    want.time_wait = time_wait_holder::client;
+  }
+  res.client_saw = describe_client(r, with_rst ? "we sent RST" : "we sent FIN");
+  finish(res, *ctx, port, r, want);
+  if (with_rst && ctx->in_process()) {
+    const auto idle_resets =
+        ctx->server->get().stats().snapshot().closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_idle)];
+    expect(res, idle_resets == 1, fmt::format("server counted {} idle resets (expected 1)", idle_resets));
+  }
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+// 3: the client resets while the server is still writing.
+scenario_result client_resets_mid_response(const options& opts) {
+  scenario_result res;
+  res.number = 3;
+  res.title = "client resets after the response head";
+  res.closer = "client: RST while the server still writes";
+  std::string error;
+  auto ctx = make_context(opts, close_policy::graceful, error);
+  if (!ctx) return failed(res, error);
+  auto c = open_and_send(*ctx, small_rcvbuf, get_request(ctx->path(unbufferable_size(opts.size)), false), res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  response_read r;
+  r.check_pattern = ctx->checks_pattern();
+  read_response(*c, r, 0, opts.wait_limit);  // the head (and whatever body came with it)
+  c->reset();
+  r.end = read_end::none;
+  res.client_saw = describe_client(r, "we sent RST");
+  expectation want;
+  want.data_lost = true;
+  want.client_end = {read_end::none};
+  // The write in flight fails: ECONNRESET, or EPIPE when the RST was processed before the write.
+  want.server_cause = {close_cause::peer_reset_mid_exchange, close_cause::broken_pipe};
+  want.time_wait = time_wait_holder::none;
+  finish(res, *ctx, port, r, want);
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+// 4, 5, 6: the server closes right after writing a large Connection: close
+// response, with the client's pipelined request unread (4, 5) or not (6).
+scenario_result server_closes_after_large_response(const options& opts, int number) {
+  scenario_result res;
+  res.number = number;
+  const close_policy policy = number == 4   ? close_policy::fin_close
+                              : number == 5 ? close_policy::graceful
+                                            : close_policy::abortive;
+  const bool with_pipelined = number != 6;
+  res.title = number == 4   ? "server closes at once with a pipelined request unread"
+              : number == 5 ? "the same, with the graceful close"
+                            : "server resets right after writing the response";
+  res.closer = number == 4   ? "server: fin_close (FIN + close) after Connection: close"
+               : number == 5 ? "server: graceful (FIN, drain, peer FIN, close)"
+                             : "server: abortive (SO_LINGER 0 + close)";
+  if (opts.target && number != 5) return skipped(res, "needs the server's teardown policy: in-process only");
+  std::string error;
+  auto ctx = make_context(opts, policy, error);
+  if (!ctx) return failed(res, error);
+  if (!ctx->server_visible) return skipped(res, "needs the server's TCP state: a loopback target");
+  const std::uint64_t size = unbufferable_size(opts.size);
+  auto c = open_and_send(*ctx, small_rcvbuf, get_request(ctx->path(size), true), res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  response_read r;
+  r.check_pattern = ctx->checks_pattern();
+  // The head proves the server read the request: what we send now stays
+  // unread in its kernel queue (the session is writing, and its write cannot
+  // complete until we read on).
+  read_response(*c, r, 0, opts.wait_limit);
+  if (with_pipelined) {
+    if (const int e = c->send_all(pipelined, opts.wait_limit)) return failed(res, "pipelining: " + errno_name(e));
+    if (!wait_acknowledged(*c, opts.wait_limit)) return failed(res, "the pipelined bytes were never acknowledged");
+  }
+  // Stop `reserve` bytes short: the server's write completes (the rest fits
+  // in its send queue) while most of it is still unsent when it closes.
+  const std::uint64_t total = r.content_length.value_or(size);
+  const std::uint64_t reserve = std::min<std::uint64_t>(std::uint64_t{1} << 20, total / 2);
+  read_response(*c, r, total - reserve, opts.wait_limit);
+  const auto left = wait_server_left_established(ctx->server_port, port, opts.wait_limit);
+  if (!left) return failed(res, "the server never closed (its write did not complete)");
+  read_response(*c, r, until_end, opts.wait_limit);
+  c->close();
+  res.client_saw = describe_client(r, "");
+  expectation want;
+  if (number == 5) {
+    want.client_end = {read_end::eof};
+    want.server_cause = {close_cause::ours_then_peer_fin};
+    want.time_wait = time_wait_holder::server;
+  } else {
+    want.data_lost = true;
+    want.client_end = {read_end::reset};
+    want.server_cause = {number == 4 ? close_cause::local_fin_close : close_cause::local_abort};
+    want.time_wait = time_wait_holder::none;
+  }
+  finish(res, *ctx, port, r, want);
+  if (res.server_report && number == 4) {
+    expect(res, res.server_report->kernel_reset(), "the report does not say the kernel turned the close into a RST");
+  }
+  if (res.server_report && number == 5) {
+    expect(res, res.server_report->bytes_discarded == pipelined.size(),
+           fmt::format("server drained {} B (expected the {} B pipelined)", res.server_report->bytes_discarded,
+                       pipelined.size()));
+  }
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+// 7: rst_if_safe after the response: RST once SIOCOUTQ is 0.
+scenario_result server_resets_when_safe(const options& opts) {
+  scenario_result res;
+  res.number = 7;
+  res.title = "server resets once everything is acknowledged";
+  res.closer = "server: rst_if_safe (RST when SIOCOUTQ = 0)";
+  if (opts.target) return skipped(res, "needs the server's teardown policy: in-process only");
+  std::string error;
+  auto ctx = make_context(opts, close_policy::rst_if_safe, error);
+  if (!ctx) return failed(res, error);
+  auto c = open_and_send(*ctx, 0, get_request(ctx->path(opts.size), true), res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  response_read r;
+  r.check_pattern = true;
+  read_response(*c, r, until_end, opts.wait_limit);
+  c->close();
+  res.client_saw = describe_client(r, "");
+  expectation want;
+  want.client_end = {read_end::reset};
+  want.server_cause = {close_cause::safe_reset};
+  want.time_wait = time_wait_holder::none;
+  finish(res, *ctx, port, r, want);
+  if (res.server_report) {
+    expect(res, res.server_report->unacked_at_close == 0,
+           fmt::format("reset with SIOCOUTQ {} (expected 0)", res.server_report->unacked_at_close));
+  }
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+// 8: request, then SHUT_WR: the server still answers in full.
+scenario_result client_half_closes(const options& opts) {
+  scenario_result res;
+  res.number = 8;
+  res.title = "client half-closes after its request";
+  res.closer = "client: SHUT_WR after its request; server closes after the response";
+  std::string error;
+  auto ctx = make_context(opts, close_policy::graceful, error);
+  if (!ctx) return failed(res, error);
+  auto c = open_and_send(*ctx, 0, get_request(ctx->path(opts.size), false), res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  c->shutdown_write();
+  response_read r;
+  r.check_pattern = ctx->checks_pattern();
+  read_response(*c, r, until_end, opts.wait_limit);
+  c->close();
+  res.client_saw = describe_client(r, "");
+  expectation want;
+  want.client_end = {read_end::eof};
+  want.server_cause = {close_cause::peer_fin_then_ours};
+  want.time_wait = time_wait_holder::client;
+  finish(res, *ctx, port, r, want);
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+// 9: a body over the limit: 413, then a graceful close that drains the body.
+scenario_result body_over_limit(const options& opts) {
+  scenario_result res;
+  res.number = 9;
+  res.title = "client POSTs a body over the limit";
+  res.closer = "server: 413 + Connection: close, graceful";
+  std::string error;
+  auto ctx = make_context(opts, close_policy::graceful, error);
+  if (!ctx) return failed(res, error);
+  const std::uint64_t limit = reqresp::http_options{}.max_body_bytes;
+  const std::uint64_t body_size = std::max<std::uint64_t>(std::uint64_t{2} << 20, 2 * limit);
+  std::string request = fmt::format(
+      "POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+      body_size);
+  request += reqresp::pattern(static_cast<std::size_t>(body_size));
+  auto c = open_and_send(*ctx, 0, request, res);
+  if (!c) return failed(res, res.mismatch);
+  const auto port = c->local_port();
+  response_read r;
+  read_response(*c, r, until_end, opts.wait_limit);
+  c->close();
+  res.client_saw = describe_client(r, "");
+  expectation want;
+  want.client_end = {read_end::eof};
+  want.server_cause = {close_cause::ours_then_peer_fin};
+  want.time_wait = time_wait_holder::server;
+  finish(res, *ctx, port, r, want);
+  expect(res, r.status == 413, fmt::format("status {} (expected 413)", r.status));
+  res.matches = res.mismatch.empty();
+  return res;
+}
+
+std::uint64_t tcp_wmem_max() {
+  std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
+  std::uint64_t lo = 0, def = 0, hi = 0;
+  if (in >> lo >> def >> hi && hi > 0) return hi;
+  return std::uint64_t{4} << 20;  // Linux's default
+}
+
+}  // namespace
+
+std::string_view to_string(time_wait_holder h) noexcept {
+  switch (h) {
+    case time_wait_holder::none:
+      return "none";
+    case time_wait_holder::client:
+      return "client";
+    case time_wait_holder::server:
+      return "server";
+    case time_wait_holder::both:
+      return "both";
+    case time_wait_holder::unknown:
+      return "unknown";
+  }
+  return "?";
+}
+
+std::string human_bytes(std::uint64_t n) {
+  if (n >= (1u << 20) && n % (1u << 20) == 0) return fmt::format("{} MiB", n >> 20);
+  if (n >= 10000) return fmt::format("{:.2f} MB", static_cast<double>(n) / 1e6);
+  return fmt::format("{} B", n);
+}
+
+std::uint64_t unbufferable_size(std::uint64_t size) {
+  return std::max<std::uint64_t>(size, 2 * tcp_wmem_max() + (std::uint64_t{2} << 20));
+}
+
+scenario_result run_scenario(int n, const options& opts) {
+  switch (n) {
+    case 1:
+      return client_closes_after_full_response(opts, true);
+    case 2:
+      return client_closes_after_full_response(opts, false);
+    case 3:
+      return client_resets_mid_response(opts);
+    case 4:
+    case 5:
+    case 6:
+      return server_closes_after_large_response(opts, n);
+    case 7:
+      return server_resets_when_safe(opts);
+    case 8:
+      return client_half_closes(opts);
+    case 9:
+      return body_over_limit(opts);
+    default:
+      break;
+  }
+  scenario_result res;
+  res.number = n;
+  return failed(res, "no such scenario");
+}
+
+std::vector<scenario_result> run_all(const options& opts) {
+  std::vector<scenario_result> out;
+  for (int n = 1; n <= scenario_count; ++n) out.push_back(run_scenario(n, opts));
+  return out;
+}
+
+}  // namespace closewise::demo
