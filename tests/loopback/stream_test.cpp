@@ -473,6 +473,33 @@ TEST_P(stream_test, close_from_a_write_continuation_counts_the_write) {
   EXPECT_EQ(rep->bytes_out, 10u) << rep->describe();
 }
 
+// The linger timer and the peer's FIN racing for the same turn, many times:
+// whichever wins, exactly one report, and it names the winner.
+TEST_P(stream_test, linger_timer_and_peer_fin_in_the_same_turn_give_one_report) {
+  stream_options o;
+  o.linger_timeout = 1ms;
+  o.linger_max = 1ms;
+  int by_fin = 0, by_timer = 0;
+  for (int i = 0; i < 200; ++i) {
+    auto peer = factory_->connect();
+    auto s = factory_->accept(o);
+    int reports = 0;
+    s.on_close([&](const close_report&) { ++reports; });
+    peer.close();  // the FIN is on its way while the 1 ms timer runs
+    const auto rep = close(s, close_policy::graceful);
+    ioc_.poll();
+    ASSERT_EQ(reports, 1);
+    if (rep.cause == close_cause::peer_fin_then_ours || rep.cause == close_cause::ours_then_peer_fin) {
+      ++by_fin;
+    } else {
+      ASSERT_EQ(rep.cause, close_cause::linger_timeout) << rep.describe();
+      ASSERT_EQ(rep.drain, drain_end::timeout);
+      ++by_timer;
+    }
+  }
+  EXPECT_EQ(by_fin + by_timer, 200);
+}
+
 // async_close takes over a pending application read.
 TEST_P(stream_test, close_cancels_the_pending_application_read) {
   auto peer = factory_->connect();
