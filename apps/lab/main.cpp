@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "closewise/version.hpp"
+#include "common/app.hpp"
 #include "lab/experiments.hpp"
 
 namespace {
@@ -161,24 +162,19 @@ nlohmann::ordered_json to_json(const std::vector<lab::row>& rows, std::size_t ma
 int main(int argc, char** argv) {
   // Writes to a pipe whose reader is gone (row 2, or our own stdout piped into
   // `head`) must fail with EPIPE, not kill the lab.
-  std::signal(SIGPIPE, SIG_IGN);
+  closewise::app::ignore_sigpipe();
 
   CLI::App app{"Reproduces the eight TCP teardown experiments of closewise's DESIGN.md on loopback.", "closewise-lab"};
   bool json = false;
   bool ipv6 = false;
   int only = 0;
+  std::string log_level = "warn";
   app.add_flag("--json", json, "Machine output: one JSON object per row, plus a summary");
   app.add_option("--only", only, "Run only experiment N")->check(CLI::Range(1, lab::row_count))->type_name("N");
   app.add_flag("--ipv6", ipv6, "Use ::1 instead of 127.0.0.1");
-  app.set_version_flag("--version", std::string("closewise-lab ") + closewise::version_string);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::Success& e) {  // --help, --version
-    return app.exit(e);
-  } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;
-  }
+  closewise::app::add_common_flags(app, log_level);
+  if (const int code = closewise::app::parse(app, argc, argv); code >= 0) return code;
+  closewise::app::setup_logging(log_level);
 
   lab::options opts;
   opts.ipv6 = ipv6;
