@@ -220,14 +220,16 @@ asio::awaitable<error_code> wait_queue_below(connection_impl& c, std::size_t lim
 
 }  // namespace
 
-void connection::send(std::string bytes) {
-  if (bytes.empty() || impl_->write_error) return;
+error_code connection::send(std::string bytes) {
+  if (impl_->write_error) return impl_->write_error;
+  if (bytes.empty()) return {};
   impl_->queued_bytes += bytes.size();
   impl_->queue.push_back(std::move(bytes));
   if (!impl_->writer_running) {
     impl_->writer_running = true;
     asio::co_spawn(impl_->io.get_executor(), run_writer(impl_), asio::detached);
   }
+  return {};
 }
 
 asio::awaitable<error_code> connection::flush() { co_return co_await wait_queue_below(*impl_, 0); }

@@ -108,8 +108,11 @@ class connection {
   /// Writes the whole buffer (after anything queued by `send`).
   asio::awaitable<error_code> write(asio::const_buffer b);
   /// Queues bytes; a writer sends them in order. Check `queued()` or await
-  /// `flush()`; `read_some` applies the watermarks.
-  void send(std::string bytes);
+  /// `flush()`; `read_some` applies the watermarks: it waits while more than
+  /// the high watermark is queued, so the queue stays below the high
+  /// watermark plus what the session sends per read. Returns the write error
+  /// that broke the queue (the bytes are then dropped), or no error.
+  error_code send(std::string bytes);
   /// Bytes queued by `send` and not yet written.
   std::size_t queued() const noexcept;
   /// Waits until everything queued was written; the first write error.
