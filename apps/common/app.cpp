@@ -33,7 +33,9 @@ void server_flags::add_to(CLI::App& cli) {
   cli.add_option("--linger-max", linger_max_s, "Graceful close: total seconds before giving up with RST")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  cli.add_option("--idle-timeout", idle_timeout_s, "Seconds a connection may wait for a new request (0: none)")
+  cli.add_option("--idle-timeout", idle_timeout_s,
+                 "Seconds a connection may wait for a new request (0: none); behind a proxy keep it longer "
+                 "than the proxy's upstream keepalive timeout")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cli.add_option("--read-timeout", read_timeout_s, "Seconds without a byte in the middle of a request (0: none)")

@@ -30,7 +30,7 @@ struct server_flags {
   std::string teardown = "graceful";
   double linger_timeout_s = 5.0;
   double linger_max_s = 30.0;
-  double idle_timeout_s = 60.0;
+  double idle_timeout_s = 75.0;
   double read_timeout_s = 30.0;
   double write_timeout_s = 30.0;
   double drain_timeout_s = 10.0;

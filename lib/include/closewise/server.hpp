@@ -43,9 +43,15 @@ enum class overflow_action : std::uint8_t {
 };
 
 /// The stream options a server starts from: every wait bounded.
+///
+/// The idle timeout is 75 s, deliberately longer than the 60 s that proxies
+/// keep idle upstream connections by default (nginx's upstream
+/// keepalive_timeout, most load balancers): the side that closes an idle
+/// kept-alive connection must be the one that would send the next request on
+/// it, or a request and our FIN cross on the wire and the proxy answers 502.
 inline stream_options server_stream_defaults() noexcept {
   stream_options o;
-  o.idle_timeout = std::chrono::seconds(60);
+  o.idle_timeout = std::chrono::seconds(75);
   o.read_timeout = std::chrono::seconds(30);
   o.write_timeout = std::chrono::seconds(30);
   return o;
@@ -57,7 +63,7 @@ struct server_options {
   std::vector<std::string> unix_paths;  ///< Unix stream socket paths (an existing socket file is replaced)
   unsigned threads = 0;                 ///< I/O threads; 0: hardware concurrency
   /// Per-connection timeouts and teardown limits. Unlike a bare stream, a
-  /// server bounds every wait by default: idle 60 s, read 30 s, write 30 s.
+  /// server bounds every wait by default: idle 75 s, read 30 s, write 30 s.
   stream_options stream = server_stream_defaults();
   close_policy policy = close_policy::graceful;  ///< how the server ends connections by default
   std::size_t max_connections = 10000;  ///< open connections at most; see `overflow`
