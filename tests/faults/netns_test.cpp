@@ -49,13 +49,6 @@ std::string ms(clock_type::duration d) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
 }
 
-// g++ 12 at -O1 with -fsanitize=address (the asan preset) inlines Asio's
-// awaitable frame allocation (aligned_new -> aligned_alloc) into this ramp
-// function and then reports the frame's own operator delete as mismatched:
-// a false positive of -Wmismatched-new-delete on coroutine frames with a
-// class-specific allocator. Silenced for this function only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 // Echo until the peer's FIN or an error, then let the server close (graceful).
 asio::awaitable<void> echo_session(connection& c) {
   std::array<char, 16 * 1024> buf;
@@ -65,7 +58,6 @@ asio::awaitable<void> echo_session(connection& c) {
     if (ec) co_return;
   }
 }
-#pragma GCC diagnostic pop
 
 // Creates the table and output chain the tests add rules to; on loopback
 // every packet, whichever way it goes, passes the output hook once.
