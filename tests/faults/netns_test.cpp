@@ -26,6 +26,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
+#include "../support/sessions.hpp"
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 #include "../support/running_server.hpp"
@@ -47,16 +48,6 @@ bool is_peer_reset(close_cause c) {
 
 std::string ms(clock_type::duration d) {
   return std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(d).count()) + " ms";
-}
-
-// Echo until the peer's FIN or an error, then let the server close (graceful).
-asio::awaitable<void> echo_session(connection& c) {
-  std::array<char, 16 * 1024> buf;
-  for (;;) {
-    auto [ec, n] = co_await c.read_some(asio::buffer(buf));
-    if (n > 0 && co_await c.write(asio::buffer(buf.data(), n))) co_return;
-    if (ec) co_return;
-  }
 }
 
 // Creates the table and output chain the tests add rules to; on loopback

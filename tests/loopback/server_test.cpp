@@ -14,7 +14,9 @@
 #include <future>
 #include <thread>
 
+#include "../support/sessions.hpp"
 #include "../support/loopback.hpp"
+#include "../support/running_server.hpp"
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/read.hpp>
@@ -30,61 +32,6 @@ using namespace std::chrono_literals;
 namespace {
 
 constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
-
-// Echo until the peer's FIN, then let the server close (graceful).
-asio::awaitable<void> echo_session(connection& c) {
-  std::array<char, 16 * 1024> buf;
-  for (;;) {
-    auto [ec, n] = co_await c.read_some(asio::buffer(buf));
-    if (n > 0 && co_await c.write(asio::buffer(buf.data(), n))) co_return;
-    if (ec) co_return;
-  }
-}
-
-// A server running on its own threads for the length of a test.
-class running_server {
- public:
-  running_server(server_options o, session_handler h) : srv_(std::move(o), std::move(h)) {
-    srv_.on_close([this](const connection&, const close_report& r) {
-      std::lock_guard lock(mu_);
-      reports_.push_back(r);
-    });
-    srv_.start();
-    port_ = parse_endpoint(srv_.local_endpoints().front()).port();
-    thread_ = std::thread([this] { srv_.run(); });
-  }
-  ~running_server() {
-    srv_.stop();
-    if (thread_.joinable()) thread_.join();
-  }
-  server& get() { return srv_; }
-  std::uint16_t port() const { return port_; }
-  std::vector<close_report> reports() {
-    std::lock_guard lock(mu_);
-    return reports_;
-  }
-  // Waits (bounded) until `n` connections were closed.
-  bool wait_closed(std::uint64_t n, std::chrono::milliseconds limit = 10s) {
-    const auto end = std::chrono::steady_clock::now() + limit;
-    while (srv_.stats().snapshot().closed < n) {
-      if (std::chrono::steady_clock::now() > end) return false;
-      std::this_thread::sleep_for(2ms);  // polling a counter owned by the server threads
-    }
-    return true;
-  }
-  // Joins run(): true if it returned within `limit`.
-  bool wait_run_returned(std::chrono::milliseconds limit) {
-    auto f = std::async(std::launch::async, [this] { thread_.join(); });
-    return f.wait_for(limit) == std::future_status::ready;
-  }
-
- private:
-  server srv_;
-  std::uint16_t port_ = 0;
-  std::thread thread_;
-  std::mutex mu_;
-  std::vector<close_report> reports_;
-};
 
 raw_peer connect_to(std::uint16_t port, int rcvbuf = 0) {
   raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -362,8 +309,8 @@ TEST(server, peer_that_never_sends_its_fin_is_reset_at_the_linger_timeout) {
   ASSERT_TRUE(s.wait_closed(1, 5s));
   const auto reports = s.reports();
   ASSERT_EQ(reports.size(), 1u);
-  EXPECT_EQ(reports[0].cause, close_cause::linger_timeout);
-  EXPECT_GE(reports[0].drain_time, 200ms);
+  EXPECT_EQ(reports[0].report.cause, close_cause::linger_timeout);
+  EXPECT_GE(reports[0].report.drain_time, 200ms);
   EXPECT_EQ(s.get().stats().snapshot().linger_timeouts, 1u);
   char c;
   EXPECT_EQ(peer.recv_some(&c, 1), 0);  // our FIN first ...
@@ -711,7 +658,7 @@ TEST(client, rst_if_safe_after_the_full_response_leaves_no_time_wait) {
   ASSERT_TRUE(s.wait_closed(1));
   const auto reports = s.reports();
   ASSERT_EQ(reports.size(), 1u);
-  EXPECT_EQ(reports[0].cause, close_cause::peer_reset_idle) << reports[0].describe();
+  EXPECT_EQ(reports[0].report.cause, close_cause::peer_reset_idle) << reports[0].report.describe();
   std::error_code ec;
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).remote_side, 0u);
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).local_side, 0u);

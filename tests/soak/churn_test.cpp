@@ -33,6 +33,7 @@
 #include <mutex>
 #include <thread>
 
+#include "../support/sessions.hpp"
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 #include "../support/running_server.hpp"
@@ -58,15 +59,6 @@ std::size_t ephemeral_range_size() {
   std::size_t low = 0, high = 0;
   if (!(in >> low >> high) || high < low) return 0;
   return high - low + 1;
-}
-
-asio::awaitable<void> echo_session(connection& c) {
-  std::array<char, 4096> buf;
-  for (;;) {
-    auto [ec, n] = co_await c.read_some(asio::buffer(buf));
-    if (n > 0 && co_await c.write(asio::buffer(buf.data(), n))) co_return;
-    if (ec) co_return;
-  }
 }
 
 // One cycle; returns 0 or the errno that failed it (EPROTO: wrong bytes, or

@@ -35,7 +35,14 @@ class running_server {
     });
     srv_.start();
     port_ = parse_endpoint(srv_.local_endpoints().front()).port();
-    thread_ = std::thread([this] { srv_.run(); });
+    thread_ = std::thread([this] {
+      srv_.run();
+      {
+        std::lock_guard lock(mu_);
+        run_returned_ = true;
+      }
+      cv_.notify_all();
+    });
   }
   ~running_server() { stop(); }
   running_server(const running_server&) = delete;
@@ -72,12 +79,25 @@ class running_server {
     return cv_.wait_for(lock, limit, [&] { return reports_.size() >= n; });
   }
 
+  /// Waits (bounded) until the server counted `n` closed connections.
+  bool wait_closed(std::uint64_t n, std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return srv_.stats().snapshot().closed >= n; });
+  }
+
+  /// Waits (bounded) for run() to return by itself, as it does after a drain.
+  bool wait_run_returned(std::chrono::milliseconds limit) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return run_returned_; });
+  }
+
  private:
   // Declared before the server so that they outlive it: its destructor may
   // still finish connections.
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<timed_report> reports_;
+  bool run_returned_ = false;
   server srv_;
   std::uint16_t port_ = 0;
   std::thread thread_;
