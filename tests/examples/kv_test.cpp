@@ -72,16 +72,6 @@ class kv_server {
   std::vector<close_report> reports_;
 };
 
-raw_peer connect_to(std::uint16_t port) {
-  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(port);
-  if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return raw_peer{};
-  return p;
-}
-
 // Reads until `n` newlines arrived (or EOF, an error, or 5 s of silence).
 std::string read_lines(raw_peer& p, std::size_t n) {
   std::string got;

@@ -13,22 +13,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "../support/loopback.hpp"
 #include "lab/experiments.hpp"
 
 namespace {
 
 namespace lab = closewise::lab;
-
-bool ipv6_available() {
-  const int fd = ::socket(AF_INET6, SOCK_STREAM, 0);
-  if (fd < 0) return false;
-  sockaddr_in6 a{};
-  a.sin6_family = AF_INET6;
-  a.sin6_addr = in6addr_loopback;
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-  ::close(fd);
-  return ok;
-}
+using closewise::test::ipv6_available;
 
 // Prints the whole row when an assertion fails: what was seen says why.
 std::string dump(const lab::row& r) {

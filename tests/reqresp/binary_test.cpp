@@ -117,16 +117,6 @@ std::uint16_t port_of_listening_line(const std::string& line) {
   return colon == std::string::npos ? 0 : static_cast<std::uint16_t>(std::stoi(line.substr(colon + 1)));
 }
 
-raw_peer connect_to(std::uint16_t port) {
-  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(port);
-  if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return raw_peer{};
-  return p;
-}
-
 // Reads until `marker` arrived (bounded).
 std::string read_until(raw_peer& p, std::string_view marker, std::chrono::milliseconds limit = 5s) {
   std::string got;

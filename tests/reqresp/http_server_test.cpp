@@ -83,17 +83,6 @@ std::vector<response> parse_responses(std::string_view bytes, std::string* rest 
   return out;
 }
 
-raw_peer connect_to(std::uint16_t port, int rcvbuf = 0) {
-  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (rcvbuf > 0) p.set_rcvbuf(rcvbuf);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(port);
-  if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return raw_peer{};
-  return p;
-}
-
 server_options local_options(close_policy policy = close_policy::graceful) {
   server_options o;
   o.listen = {"127.0.0.1:0"};

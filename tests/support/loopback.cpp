@@ -90,6 +90,17 @@ raw_peer::drained raw_peer::drain(std::string* sink, std::chrono::milliseconds r
 void raw_peer::set_rcvbuf(int bytes) noexcept { ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes)); }
 void raw_peer::set_sndbuf(int bytes) noexcept { ::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)); }
 
+raw_peer connect_to(std::uint16_t port, int rcvbuf) {
+  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (rcvbuf > 0) p.set_rcvbuf(rcvbuf);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return raw_peer{};
+  return p;
+}
+
 loopback_pair_factory::loopback_pair_factory(asio::io_context& ioc, bool ipv6)
     : ioc_(ioc),
       acceptor_(ioc, tcp::endpoint(ipv6 ? asio::ip::address(asio::ip::address_v6::loopback())

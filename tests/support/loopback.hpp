@@ -66,6 +66,10 @@ class raw_peer {
   int fd_ = -1;
 };
 
+/// Connects a raw peer to 127.0.0.1:`port` (optionally with a small receive
+/// buffer, set before connecting); an empty peer (fd -1) if the connect fails.
+raw_peer connect_to(std::uint16_t port, int rcvbuf = 0);
+
 /// An acceptor on loopback port 0 and a helper that connects a raw peer and
 /// accepts the matching server stream.
 class loopback_pair_factory {
