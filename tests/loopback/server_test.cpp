@@ -170,6 +170,10 @@ double cpu_seconds() {
 // Out of descriptors, the accept loop backs off instead of spinning, and
 // serves again soon after descriptors free up.
 TEST(server, emfile_backs_off_without_spinning_and_recovers) {
+#ifdef CLOSEWISE_UBSAN
+  GTEST_SKIP() << "UBSan's vptr check probes memory through a pipe, which needs two free descriptors; with none "
+                  "left it reports false 'invalid vptr' errors. The plain and TSan builds run this test.";
+#endif
   rlimit original{};
   ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &original), 0);
   auto o = local_options(1);
