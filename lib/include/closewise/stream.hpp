@@ -603,7 +603,9 @@ class basic_stream {
             safe_deadline = impl_type::clock::now() + s.opts.safe_reset_wait;
             return safe_poll(self);
           }
-          return decide(self, s.fd() >= 0 ? closewise::probe(s.fd()).queues() : queue_probe{});
+          // Only rst_if_safe decides on the kernel's queues; the other policies
+          // cost no probe here.
+          return decide(self, policy == close_policy::rst_if_safe ? queues_now() : queue_probe{});
         case safe_wait:
           return safe_poll(self);
         case draining:
@@ -634,7 +636,7 @@ class basic_stream {
     void safe_poll(Self& self) {
       auto& s = *impl;
       if (s.core.finished()) return self.complete(*s.report);
-      const queue_probe q = s.fd() >= 0 ? closewise::probe(s.fd()).queues() : queue_probe{};
+      const queue_probe q = queues_now();
       if (!q.valid || q.unacked == 0 || q.unread > 0 || impl_type::clock::now() >= safe_deadline) {
         return decide(self, q);
       }
@@ -643,6 +645,11 @@ class basic_stream {
       poll_timer->expires_after(poll);
       poll = std::min(poll * 2, std::chrono::milliseconds{16});
       poll_timer->async_wait(std::move(self));
+    }
+
+    queue_probe queues_now() const noexcept {
+      const int fd = impl->fd();
+      return fd >= 0 ? closewise::probe(fd, probe_unread | probe_unacked).queues() : queue_probe{};
     }
 
     template <class Self>
