@@ -1,0 +1,274 @@
+#include "hold.hpp"
+
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "closewise/probe.hpp"
+#include "closewise/sock_diag.hpp"
+#include "response_parser.hpp"
+
+namespace closewise::bench {
+
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+struct fd_guard {
+  int fd = -1;
+  ~fd_guard() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+void close_rst(int fd) {
+  const linger l{1, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+  ::close(fd);
+}
+
+// One whole exchange on a blocking socket; true when the response was whole.
+bool exchange(const hold_config& cfg) {
+  fd_guard s{::socket(cfg.target.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+  if (s.fd < 0) return false;
+  timeval tv{2, 0};
+  ::setsockopt(s.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  ::setsockopt(s.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  if (::connect(s.fd, reinterpret_cast<const sockaddr*>(&cfg.target), cfg.target_len) != 0) return false;
+  if (::send(s.fd, cfg.full_request.data(), cfg.full_request.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(cfg.full_request.size()))
+    return false;
+  response_parser p;
+  std::array<char, 16384> buf{};
+  for (;;) {
+    const ssize_t n = ::recv(s.fd, buf.data(), buf.size(), 0);
+    if (n <= 0) return n == 0 && p.on_eof() == response_parser::status::complete;
+    if (p.feed(buf.data(), static_cast<std::size_t>(n)).st != response_parser::status::need_more) break;
+  }
+  const bool ok = p.status_code() >= 200 && p.status_code() < 300;
+  close_rst(s.fd);
+  s.fd = -1;
+  return ok;
+}
+
+void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+
+}  // namespace
+
+long read_rss_kib(int pid) {
+  if (pid <= 0) return -1;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/status", pid);
+  std::FILE* f = std::fopen(path, "re");
+  if (f == nullptr) return -1;
+  char line[256];
+  long kib = -1;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, "VmRSS:", 6) == 0) {
+      kib = std::strtol(line + 6, nullptr, 10);
+      break;
+    }
+  }
+  std::fclose(f);
+  return kib;
+}
+
+long accept_queue_length(std::uint16_t port, int family) {
+  fd_guard nl{::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG)};
+  if (nl.fd < 0) return -1;
+  struct {
+    nlmsghdr nlh;
+    inet_diag_req_v2 req;
+  } msg{};
+  msg.nlh.nlmsg_len = sizeof(msg);
+  msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+  msg.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  msg.req.sdiag_family = static_cast<std::uint8_t>(family);
+  msg.req.sdiag_protocol = IPPROTO_TCP;
+  msg.req.idiag_states = 1u << static_cast<unsigned>(tcp_state::listen);
+  sockaddr_nl kernel{};
+  kernel.nl_family = AF_NETLINK;
+  if (::sendto(nl.fd, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel), sizeof(kernel)) < 0) return -1;
+  alignas(nlmsghdr) std::array<char, 16384> buf;
+  long found = -1;
+  for (;;) {
+    const ssize_t n = ::recv(nl.fd, buf.data(), buf.size(), 0);
+    if (n <= 0) return found;
+    int left = static_cast<int>(n);
+    for (auto* h = reinterpret_cast<nlmsghdr*>(buf.data()); NLMSG_OK(h, left); h = NLMSG_NEXT(h, left)) {
+      if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) return found;
+      const auto* m = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
+      // For a listener, idiag_rqueue is the accept queue's current length.
+      if (ntohs(m->id.idiag_sport) == port) found = (found < 0 ? 0 : found) + static_cast<long>(m->idiag_rqueue);
+    }
+  }
+}
+
+hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
+  hold_result r;
+  auto say = [&](const std::string& s) {
+    if (progress) progress(s);
+  };
+
+  for (unsigned i = 0; i < cfg.warmup_requests; ++i) {
+    if (!exchange(cfg)) ++r.warmup_failed;
+  }
+  sleep_ms(200);
+  r.rss_before_kib = read_rss_kib(cfg.server_pid);
+
+  fd_guard ep{::epoll_create1(EPOLL_CLOEXEC)};
+  if (ep.fd < 0) return r;
+  std::vector<int> fds;  // connected (held) connections
+  fds.reserve(cfg.connections);
+  struct pending {
+    int fd;
+    clock::time_point since;
+  };
+  std::vector<pending> connecting;  // small: bounded by max_in_flight
+  constexpr std::size_t max_in_flight = 128;
+  constexpr long max_backlog = 128;
+  unsigned launched = 0;
+  const auto t0 = clock::now();
+  auto next_say = t0 + std::chrono::seconds(1);
+
+  auto settle_accept_queue = [&](long below, std::chrono::milliseconds limit) {
+    const auto until = clock::now() + limit;
+    for (;;) {
+      const long q = accept_queue_length(cfg.port, cfg.target.ss_family);
+      if (q < below || clock::now() >= until) return q < 0 ? 0 : q;
+      sleep_ms(1);
+    }
+  };
+
+  std::array<epoll_event, 256> events{};
+  while (fds.size() + r.failed < cfg.connections) {
+    // Pace by the server's accept queue: a full listen backlog drops SYNs and
+    // turns the measurement into a one-second retransmission wait.
+    while (connecting.size() < max_in_flight && launched < cfg.connections) {
+      if (launched % 512 == 0 && launched > 0) settle_accept_queue(max_backlog, std::chrono::milliseconds(2000));
+      ++launched;
+      const int fd = ::socket(cfg.target.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+      if (fd < 0) {
+        ++r.failed;
+        continue;
+      }
+      if (::connect(fd, reinterpret_cast<const sockaddr*>(&cfg.target), cfg.target_len) != 0 && errno != EINPROGRESS) {
+        ::close(fd);
+        ++r.failed;
+        continue;
+      }
+      epoll_event ev{};
+      ev.events = EPOLLOUT;
+      ev.data.fd = fd;
+      ::epoll_ctl(ep.fd, EPOLL_CTL_ADD, fd, &ev);
+      connecting.push_back({fd, clock::now()});
+    }
+    const int n = ::epoll_wait(ep.fd, events.data(), static_cast<int>(events.size()), 10);
+    for (int i = 0; i < n; ++i) {
+      const int fd = events[static_cast<std::size_t>(i)].data.fd;
+      for (std::size_t k = 0; k < connecting.size(); ++k) {
+        if (connecting[k].fd != fd) continue;
+        connecting[k] = connecting.back();
+        connecting.pop_back();
+        int err = 0;
+        socklen_t len = sizeof(err);
+        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err != 0 || (events[static_cast<std::size_t>(i)].events & (EPOLLERR | EPOLLHUP)) != 0) {
+          ::close(fd);
+          ++r.failed;
+          break;
+        }
+        if (cfg.half_request && ::send(fd, cfg.partial_request.data(), cfg.partial_request.size(), MSG_NOSIGNAL) !=
+                                    static_cast<ssize_t>(cfg.partial_request.size())) {
+          close_rst(fd);
+          ++r.failed;
+          break;
+        }
+        // Watched again (for the server's FIN, RST or bytes) once all are open.
+        ::epoll_ctl(ep.fd, EPOLL_CTL_DEL, fd, nullptr);
+        fds.push_back(fd);
+        break;
+      }
+    }
+    const auto now = clock::now();
+    for (std::size_t k = 0; k < connecting.size();) {
+      if (now - connecting[k].since > cfg.connect_timeout) {
+        close_rst(connecting[k].fd);
+        ++r.failed;
+        connecting[k] = connecting.back();
+        connecting.pop_back();
+      } else {
+        ++k;
+      }
+    }
+    if (now >= next_say) {
+      say("opened " + std::to_string(fds.size()) + "/" + std::to_string(cfg.connections) + ", failed " +
+          std::to_string(r.failed));
+      next_say += std::chrono::seconds(1);
+    }
+  }
+  r.opened = static_cast<unsigned>(fds.size());
+  r.open_s = std::chrono::duration<double>(clock::now() - t0).count();
+
+  // Every connection accepted, then the RSS still for three readings in a row.
+  const long left = settle_accept_queue(1, std::chrono::milliseconds(5000));
+  r.accept_queue_left = static_cast<std::size_t>(left);
+  if (cfg.server_pid > 0) {
+    const auto until = clock::now() + cfg.settle_max;
+    long prev = read_rss_kib(cfg.server_pid);
+    int still = 0;
+    sleep_ms(100);
+    while (clock::now() < until && still < 3) {
+      const long cur = read_rss_kib(cfg.server_pid);
+      still = std::labs(cur - prev) <= 8 ? still + 1 : 0;
+      prev = cur;
+      sleep_ms(100);
+    }
+    r.rss_after_kib = read_rss_kib(cfg.server_pid);
+    if (r.rss_before_kib >= 0 && r.rss_after_kib >= 0 && r.opened > 0) {
+      r.kib_per_connection =
+          static_cast<double>(r.rss_after_kib - r.rss_before_kib) / static_cast<double>(r.opened);
+    }
+  }
+  std::error_code ec;
+  r.server_established = count_tcp_state(cfg.port, tcp_state::established, ec).local_side;
+
+  // Watch the held connections: the server should leave them alone.
+  for (int fd : fds) {
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLRDHUP;
+    ev.data.fd = fd;
+    ::epoll_ctl(ep.fd, EPOLL_CTL_ADD, fd, &ev);
+  }
+  const auto hold_until = clock::now() + cfg.hold;
+  std::vector<char> seen(fds.empty() ? 1 : static_cast<std::size_t>(*std::max_element(fds.begin(), fds.end())) + 1, 0);
+  do {
+    const int n = ::epoll_wait(ep.fd, events.data(), static_cast<int>(events.size()), 10);
+    for (int i = 0; i < n; ++i) {
+      const int fd = events[static_cast<std::size_t>(i)].data.fd;
+      if (!seen[static_cast<std::size_t>(fd)]) {
+        seen[static_cast<std::size_t>(fd)] = 1;
+        ++r.closed_by_server;
+      }
+      ::epoll_ctl(ep.fd, EPOLL_CTL_DEL, fd, nullptr);
+    }
+  } while (clock::now() < hold_until);
+
+  for (int fd : fds) close_rst(fd);
+  return r;
+}
+
+}  // namespace closewise::bench

@@ -1,0 +1,365 @@
+// closewise-bench's own tests: the response parser (a short response is a
+// failure, never a success), the latency histogram, and the engine against
+// raw loopback servers that answer well, truncate, reset, or refuse.
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "closewise/probe.hpp"
+#include "closewise/sock_diag.hpp"
+#include "engine.hpp"
+#include "histogram.hpp"
+#include "response_parser.hpp"
+
+namespace {
+
+using closewise::bench::error_class;
+using closewise::bench::histogram;
+using closewise::bench::load_config;
+using closewise::bench::mode;
+using closewise::bench::response_parser;
+using status = response_parser::status;
+
+response_parser::result feed(response_parser& p, std::string_view s) { return p.feed(s.data(), s.size()); }
+
+// ---- parser ------------------------------------------------------------------
+
+TEST(ResponseParser, ContentLengthInOneRead) {
+  response_parser p;
+  const std::string r = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+  const auto res = feed(p, r);
+  EXPECT_EQ(res.st, status::complete);
+  EXPECT_EQ(res.consumed, r.size());
+  EXPECT_EQ(p.status_code(), 200);
+  EXPECT_TRUE(p.keep_alive());
+  EXPECT_EQ(p.body_bytes(), 5u);
+}
+
+TEST(ResponseParser, ByteByByte) {
+  const std::string r = "HTTP/1.1 200 OK\r\ncontent-LENGTH:  3 \r\nConnection: close\r\n\r\nabc";
+  response_parser p;
+  for (std::size_t i = 0; i < r.size(); ++i) {
+    const auto res = p.feed(r.data() + i, 1);
+    ASSERT_EQ(res.consumed, 1u);
+    EXPECT_EQ(res.st, i + 1 == r.size() ? status::complete : status::need_more) << i;
+  }
+  EXPECT_FALSE(p.keep_alive());
+}
+
+TEST(ResponseParser, ShorterThanContentLengthIsTruncated) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello").st, status::need_more);
+  EXPECT_EQ(p.on_eof(), status::need_more);
+  EXPECT_TRUE(p.truncated());
+}
+
+TEST(ResponseParser, FinBeforeAnyByteIsNotAResponse) {
+  response_parser p;
+  EXPECT_EQ(p.on_eof(), status::need_more);
+  EXPECT_TRUE(p.truncated());
+  EXPECT_FALSE(p.started());
+}
+
+TEST(ResponseParser, FinInsideTheHeaderIsTruncated) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nContent-Len").st, status::need_more);
+  EXPECT_EQ(p.on_eof(), status::need_more);
+  EXPECT_TRUE(p.truncated());
+}
+
+TEST(ResponseParser, CloseDelimitedBodyEndsAtFin) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\n\r\nsome").st, status::need_more);
+  EXPECT_EQ(feed(p, " more").st, status::need_more);
+  EXPECT_FALSE(p.keep_alive());
+  EXPECT_EQ(p.on_eof(), status::complete);
+  EXPECT_EQ(p.body_bytes(), 9u);
+}
+
+TEST(ResponseParser, Chunked) {
+  response_parser p;
+  const std::string r =
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+  const auto res = feed(p, r);
+  EXPECT_EQ(res.st, status::complete);
+  EXPECT_EQ(res.consumed, r.size());
+  EXPECT_EQ(p.body_bytes(), 11u);
+  EXPECT_EQ(p.content_length(), -1);
+}
+
+TEST(ResponseParser, ChunkedSplitEverywhere) {
+  const std::string r = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n";
+  for (std::size_t cut = 1; cut < r.size(); ++cut) {
+    response_parser p;
+    const auto a = p.feed(r.data(), cut);
+    ASSERT_EQ(a.st, status::need_more) << cut;
+    const auto b = p.feed(r.data() + cut, r.size() - cut);
+    EXPECT_EQ(b.st, status::complete) << cut;
+    EXPECT_EQ(a.consumed + b.consumed, r.size()) << cut;
+  }
+}
+
+TEST(ResponseParser, ChunkedWithoutLastChunkIsTruncated) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").st, status::need_more);
+  EXPECT_EQ(p.on_eof(), status::need_more);
+  EXPECT_TRUE(p.truncated());
+}
+
+TEST(ResponseParser, InterimResponseThenFinal) {
+  response_parser p;
+  const std::string r = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok";
+  const auto res = feed(p, r);
+  EXPECT_EQ(res.st, status::complete);
+  EXPECT_EQ(res.consumed, r.size());
+  EXPECT_EQ(p.status_code(), 201);
+}
+
+TEST(ResponseParser, NoBodyStatuses) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n").st, status::complete);
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.1 304 Not Modified\r\n\r\n").st, status::complete);
+}
+
+TEST(ResponseParser, StopsAtTheEndOfAResponse) {
+  response_parser p;
+  const std::string first = "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx";
+  const auto res = feed(p, first + "HTTP/1.1 200 OK\r\n");
+  EXPECT_EQ(res.st, status::complete);
+  EXPECT_EQ(res.consumed, first.size());
+}
+
+TEST(ResponseParser, Http10ClosesByDefault) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").st, status::complete);
+  EXPECT_FALSE(p.keep_alive());
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n").st, status::complete);
+  EXPECT_TRUE(p.keep_alive());
+}
+
+TEST(ResponseParser, Garbage) {
+  response_parser p;
+  EXPECT_EQ(feed(p, "HTTX/1.1 200 OK\r\n\r\n").st, status::error);
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.1 2x0 OK\r\n\r\n").st, status::error);
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").st, status::error);
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n").st, status::error);
+  p.reset();
+  EXPECT_EQ(feed(p, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").st, status::error);
+}
+
+// ---- histogram ---------------------------------------------------------------
+
+TEST(Histogram, QuantilesWithinBucketError) {
+  histogram h;
+  for (std::uint64_t v = 1; v <= 100000; ++v) h.record(v * 1000);  // 1 us .. 100 ms
+  EXPECT_EQ(h.count(), 100000u);
+  EXPECT_EQ(h.max(), 100'000'000u);
+  auto near = [](std::uint64_t got, double want) { return std::abs(static_cast<double>(got) - want) / want < 0.02; };
+  EXPECT_TRUE(near(h.quantile(0.5), 50'000'000)) << h.quantile(0.5);
+  EXPECT_TRUE(near(h.quantile(0.9), 90'000'000)) << h.quantile(0.9);
+  EXPECT_TRUE(near(h.quantile(0.99), 99'000'000)) << h.quantile(0.99);
+  EXPECT_LE(h.quantile(1.0), h.max());
+  histogram other;
+  other.record(5);
+  other.merge(h);
+  EXPECT_EQ(other.count(), 100001u);
+}
+
+// ---- engine against raw loopback servers --------------------------------------
+
+// A blocking loopback server on port 0: for each connection, reads one
+// request and calls `serve(fd)`, which answers and decides how it ends.
+class raw_server {
+ public:
+  explicit raw_server(std::function<void(int)> serve) : serve_(std::move(serve)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    EXPECT_EQ(::listen(fd_, 128), 0);
+    socklen_t len = sizeof(a);
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    addr_ = a;
+    thread_ = std::thread([this] { loop(); });
+  }
+  ~raw_server() {
+    stop_ = true;
+    thread_.join();
+    ::close(fd_);
+  }
+  std::uint16_t port() const { return ntohs(addr_.sin_port); }
+  load_config config(mode m) const {
+    load_config c;
+    std::memcpy(&c.target, &addr_, sizeof(addr_));
+    c.target_len = sizeof(addr_);
+    c.run_mode = m;
+    c.request = std::string("GET / HTTP/1.1\r\nHost: t\r\n") +
+                (m == mode::server_close ? "Connection: close\r\n" : "") + "\r\n";
+    c.threads = 1;
+    c.connections = 2;
+    c.warmup = std::chrono::nanoseconds(0);
+    c.count = 20;
+    c.timeout = std::chrono::seconds(2);
+    return c;
+  }
+
+ private:
+  void loop() {
+    while (!stop_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      timeval tv{1, 0};
+      ::setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      std::string req;
+      char buf[4096];
+      while (req.find("\r\n\r\n") == std::string::npos) {
+        const ssize_t n = ::recv(c, buf, sizeof(buf), 0);
+        if (n <= 0) break;
+        req.append(buf, static_cast<std::size_t>(n));
+      }
+      if (req.find("\r\n\r\n") == std::string::npos) {
+        ::close(c);
+        continue;
+      }
+      serve_(c);
+    }
+  }
+
+  std::function<void(int)> serve_;
+  int fd_ = -1;
+  sockaddr_in addr_{};
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+void send_all(int fd, std::string_view s) { ::send(fd, s.data(), s.size(), MSG_NOSIGNAL); }
+
+// Reads until the peer's FIN (or an error), then closes: the server side of a client-initiated close.
+void close_after_peer(int fd) {
+  char buf[256];
+  while (::recv(fd, buf, sizeof(buf), 0) > 0) {
+  }
+  ::close(fd);
+}
+
+TEST(Engine, WholeResponsesAreSuccesses) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+    close_after_peer(fd);
+  });
+  const auto r = closewise::bench::run_load(srv.config(mode::client_fin), nullptr);
+  EXPECT_EQ(r.completed, 20u);
+  EXPECT_EQ(r.errors_total(), 0u);
+  EXPECT_EQ(r.latency.count(), 20u);
+}
+
+TEST(Engine, ShortBodyIsTruncatedNeverSuccess) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly fifty bytes? no: far fewer");
+    ::shutdown(fd, SHUT_WR);
+    close_after_peer(fd);
+  });
+  const auto r = closewise::bench::run_load(srv.config(mode::client_fin), nullptr);
+  EXPECT_EQ(r.completed, 0u);
+  EXPECT_EQ(r.errors[static_cast<std::size_t>(error_class::truncated)], 20u);
+}
+
+TEST(Engine, ResetMidBodyIsReset) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabc");
+    const linger l{1, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
+    ::close(fd);
+  });
+  const auto r = closewise::bench::run_load(srv.config(mode::client_rst), nullptr);
+  EXPECT_EQ(r.completed, 0u);
+  EXPECT_EQ(r.errors[static_cast<std::size_t>(error_class::reset)], 20u);
+}
+
+TEST(Engine, ServerCloseWaitsForTheServersFin) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+    ::shutdown(fd, SHUT_WR);
+    close_after_peer(fd);
+  });
+  const auto r = closewise::bench::run_load(srv.config(mode::server_close), nullptr);
+  EXPECT_EQ(r.completed, 20u);
+  EXPECT_EQ(r.errors_total(), 0u);
+  // The server's FIN went first: the TIME_WAIT is on the server's side.
+  std::error_code ec;
+  const auto tw = closewise::count_tcp_state(srv.port(), closewise::tcp_state::time_wait, ec);
+  if (!ec) {
+    EXPECT_GE(tw.local_side, 20u);
+    EXPECT_EQ(tw.remote_side, 0u);
+  }
+}
+
+TEST(Engine, Non2xxIsBadStatus) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n");
+    close_after_peer(fd);
+  });
+  const auto r = closewise::bench::run_load(srv.config(mode::client_fin), nullptr);
+  EXPECT_EQ(r.completed, 0u);
+  EXPECT_EQ(r.errors[static_cast<std::size_t>(error_class::bad_status)], 20u);
+}
+
+TEST(Engine, KeepaliveCountsRequestsAndHonoursConnectionClose) {
+  // Two responses per connection, the second says Connection: close.
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na");
+    char buf[512];
+    if (::recv(fd, buf, sizeof(buf), 0) > 0) send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nb");
+    ::shutdown(fd, SHUT_WR);
+    close_after_peer(fd);
+  });
+  auto cfg = srv.config(mode::keepalive);
+  cfg.connections = 1;
+  const auto r = closewise::bench::run_load(cfg, nullptr);
+  EXPECT_EQ(r.completed, 20u);
+  EXPECT_EQ(r.errors_total(), 0u);
+  EXPECT_GE(r.connections_opened, 10u);
+}
+
+TEST(Engine, RefusedIsRefused) {
+  // A port with no listener: bind one, learn its number, close it.
+  const int s = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  socklen_t len = sizeof(a);
+  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(s);
+  load_config c;
+  std::memcpy(&c.target, &a, sizeof(a));
+  c.target_len = sizeof(a);
+  c.request = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+  c.connections = 1;
+  c.warmup = std::chrono::nanoseconds(0);
+  c.count = 5;
+  const auto r = closewise::bench::run_load(c, nullptr);
+  EXPECT_EQ(r.completed, 0u);
+  EXPECT_EQ(r.errors[static_cast<std::size_t>(error_class::refused)], 5u);
+}
+
+}  // namespace
