@@ -83,8 +83,9 @@ void BM_classify(benchmark::State& state) {
   std::array<connection_state, 3> states{};
   (void)states[1].on(event::read(100));
   (void)states[2].on(event::read_failed(io_error::reset));
-  constexpr std::array<io_error, 7> errors{io_error::none,    io_error::eof,       io_error::reset, io_error::broken_pipe,
-                                           io_error::aborted, io_error::timed_out, io_error::other};
+  constexpr std::array<io_error, 7> errors{io_error::none,        io_error::eof,     io_error::reset,
+                                           io_error::broken_pipe, io_error::aborted, io_error::timed_out,
+                                           io_error::other};
   for (auto _ : state) {
     for (const auto& s : states) {
       for (io_error e : errors) {

@@ -75,12 +75,12 @@ enum class conn_state : std::uint8_t { free, open, lingering, peer_fin };
 
 struct conn {
   conn_state state = conn_state::free;
-  bool close_after = false;    // the response in progress is the last
-  bool nodelay = false;        // TCP_NODELAY set (once the connection is kept alive)
-  std::uint64_t serial = 0;    // tells a lingering entry from a later connection on the same fd
-  std::uint64_t body_left = 0; // request body bytes still to skip
-  std::string* in = nullptr;   // a request split across reads
-  std::string* out = nullptr;  // response bytes the kernel did not take yet
+  bool close_after = false;     // the response in progress is the last
+  bool nodelay = false;         // TCP_NODELAY set (once the connection is kept alive)
+  std::uint64_t serial = 0;     // tells a lingering entry from a later connection on the same fd
+  std::uint64_t body_left = 0;  // request body bytes still to skip
+  std::string* in = nullptr;    // a request split across reads
+  std::string* out = nullptr;   // response bytes the kernel did not take yet
 };
 
 struct linger_entry {
@@ -116,8 +116,9 @@ class server {
  public:
   server(int listen_fd, std::string body, bool linger, std::int64_t linger_ms)
       : lfd_(listen_fd), linger_(linger), linger_ms_(linger_ms) {
-    const std::string head = "HTTP/1.1 200 OK\r\nServer: closewise-ref\r\nContent-Type: text/plain\r\nContent-Length: " +
-                             std::to_string(body.size()) + "\r\n";
+    const std::string head =
+        "HTTP/1.1 200 OK\r\nServer: closewise-ref\r\nContent-Type: text/plain\r\nContent-Length: " +
+        std::to_string(body.size()) + "\r\n";
     keep_ = head + "\r\n" + body;
     keep10_ = head + "Connection: keep-alive\r\n\r\n" + body;
     close_ = head + "Connection: close\r\n\r\n" + body;
@@ -448,8 +449,12 @@ int main(int argc, char** argv) {
     const int o = getopt_long(argc, argv, "", opts, nullptr);
     if (o == -1) break;
     switch (o) {
-      case 'l': listen_at = optarg; break;
-      case 'b': body = optarg; break;
+      case 'l':
+        listen_at = optarg;
+        break;
+      case 'b':
+        body = optarg;
+        break;
       case 'f': {
         std::ifstream in(optarg, std::ios::binary);
         if (!in) return usage_error("--body-file: cannot read the file");
@@ -473,10 +478,17 @@ int main(int argc, char** argv) {
         if (end == optarg || *end != '\0' || !(linger_s > 0)) return usage_error("--linger-timeout must be > 0");
         break;
       }
-      case 'q': backlog = std::atoi(optarg); break;
-      case 'V': std::printf("%s %s\n", name, CLOSEWISE_REF_VERSION); return 0;
-      case 'h': usage(stdout); return 0;
-      default: return usage_error("unknown option or missing value");
+      case 'q':
+        backlog = std::atoi(optarg);
+        break;
+      case 'V':
+        std::printf("%s %s\n", name, CLOSEWISE_REF_VERSION);
+        return 0;
+      case 'h':
+        usage(stdout);
+        return 0;
+      default:
+        return usage_error("unknown option or missing value");
     }
   }
   if (optind < argc) return usage_error("unexpected argument");
@@ -528,7 +540,7 @@ int main(int argc, char** argv) {
   }
   std::fflush(stdout);
 
-  struct sigaction sa{};
+  struct sigaction sa {};
   sa.sa_handler = on_signal;  // no SA_RESTART: epoll_wait returns EINTR
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);

@@ -18,25 +18,38 @@ namespace closewise::bench {
 
 std::string_view to_string(mode m) noexcept {
   switch (m) {
-    case mode::client_fin: return "client-fin";
-    case mode::client_rst: return "client-rst";
-    case mode::server_close: return "server-close";
-    case mode::keepalive: return "keepalive";
+    case mode::client_fin:
+      return "client-fin";
+    case mode::client_rst:
+      return "client-rst";
+    case mode::server_close:
+      return "server-close";
+    case mode::keepalive:
+      return "keepalive";
   }
   return "?";
 }
 
 std::string_view to_string(error_class e) noexcept {
   switch (e) {
-    case error_class::refused: return "refused";
-    case error_class::reset: return "reset";
-    case error_class::broken_pipe: return "broken_pipe";
-    case error_class::timeout: return "timeout";
-    case error_class::truncated: return "truncated";
-    case error_class::addr_unavailable: return "addr_unavailable";
-    case error_class::bad_status: return "bad_status";
-    case error_class::protocol: return "protocol";
-    case error_class::other: return "other";
+    case error_class::refused:
+      return "refused";
+    case error_class::reset:
+      return "reset";
+    case error_class::broken_pipe:
+      return "broken_pipe";
+    case error_class::timeout:
+      return "timeout";
+    case error_class::truncated:
+      return "truncated";
+    case error_class::addr_unavailable:
+      return "addr_unavailable";
+    case error_class::bad_status:
+      return "bad_status";
+    case error_class::protocol:
+      return "protocol";
+    case error_class::other:
+      return "other";
   }
   return "?";
 }
@@ -70,35 +83,41 @@ struct alignas(64) live_counters {
 
 error_class classify_errno(int err) noexcept {
   switch (err) {
-    case ECONNREFUSED: return error_class::refused;
-    case ECONNRESET: return error_class::reset;
-    case EPIPE: return error_class::broken_pipe;
-    case ETIMEDOUT: return error_class::timeout;
-    case EADDRNOTAVAIL: return error_class::addr_unavailable;
-    default: return error_class::other;
+    case ECONNREFUSED:
+      return error_class::refused;
+    case ECONNRESET:
+      return error_class::reset;
+    case EPIPE:
+      return error_class::broken_pipe;
+    case ETIMEDOUT:
+      return error_class::timeout;
+    case EADDRNOTAVAIL:
+      return error_class::addr_unavailable;
+    default:
+      return error_class::other;
   }
 }
 
 enum class slot_state : std::uint8_t {
-  idle,         // no connection, nothing to start (stopping, or out of tickets)
-  sleeping,     // backing off after a connect-level error
-  connecting,   // connect in progress, request not written yet
-  writing,      // request partly written
-  reading,      // waiting for (the rest of) the response
-  awaiting_fin, // whole response received; waiting for the server's FIN
+  idle,          // no connection, nothing to start (stopping, or out of tickets)
+  sleeping,      // backing off after a connect-level error
+  connecting,    // connect in progress, request not written yet
+  writing,       // request partly written
+  reading,       // waiting for (the rest of) the response
+  awaiting_fin,  // whole response received; waiting for the server's FIN
 };
 
 struct slot {
   int fd = -1;
   std::uint32_t generation = 0;  // tells this connection's events from a previous one's on the same slot
   slot_state state = slot_state::idle;
-  bool ticketed = false;         // count mode: this cycle was started inside the window
+  bool ticketed = false;  // count mode: this cycle was started inside the window
   std::size_t written = 0;
   std::uint64_t requests_on_conn = 0;
-  std::int64_t cycle_start = 0;   // connect(): the start of the whole cycle
-  std::int64_t request_start = 0; // keepalive: the start of this request
+  std::int64_t cycle_start = 0;    // connect(): the start of the whole cycle
+  std::int64_t request_start = 0;  // keepalive: the start of this request
   std::int64_t deadline = 0;
-  std::int64_t wake_at = 0;       // sleeping
+  std::int64_t wake_at = 0;  // sleeping
   response_parser parser;
 };
 
@@ -163,9 +182,7 @@ class worker {
  private:
   static constexpr std::size_t read_buffer_size = 64 * 1024;
 
-  bool counted(const slot& s) const noexcept {
-    return ctl_.count_mode ? s.ticketed : ctl_.get() == phase::measuring;
-  }
+  bool counted(const slot& s) const noexcept { return ctl_.count_mode ? s.ticketed : ctl_.get() == phase::measuring; }
 
   // Decides whether a new cycle may start now and, in count mode, takes its ticket.
   bool may_start(slot& s) noexcept {
@@ -524,7 +541,10 @@ load_result run_load(const load_config& cfg, const progress_fn& progress) {
       const auto [c, e] = totals();
       const phase shown = ctl.get();
       progress(static_cast<double>(now - start) / 1e9,
-               shown == phase::warmup ? "warm-up" : shown == phase::measuring ? "measuring" : "ending", c, e);
+               shown == phase::warmup      ? "warm-up"
+               : shown == phase::measuring ? "measuring"
+                                           : "ending",
+               c, e);
       next_progress += 1'000'000'000;
     }
   }

@@ -62,29 +62,29 @@ struct load_config {
   /// destination, each reusable 1 s after its TIME_WAIT began) N-fold.
   std::vector<sockaddr_storage> sources;
   mode run_mode = mode::client_fin;
-  std::string request;                 ///< the request bytes, sent whole on each cycle
+  std::string request;  ///< the request bytes, sent whole on each cycle
   unsigned threads = 1;
-  unsigned connections = 1;            ///< in total; spread over the threads
-  std::uint64_t requests_per_conn = 0; ///< keepalive: requests per connection (0: unlimited)
+  unsigned connections = 1;                                    ///< in total; spread over the threads
+  std::uint64_t requests_per_conn = 0;                         ///< keepalive: requests per connection (0: unlimited)
   std::chrono::nanoseconds timeout = std::chrono::seconds(5);  ///< per cycle (keepalive: per request)
   std::chrono::nanoseconds warmup = std::chrono::seconds(1);
   std::chrono::nanoseconds duration = std::chrono::seconds(5);  ///< used when count == 0
-  std::uint64_t count = 0;             ///< > 0: stop after this many measured cycles instead
+  std::uint64_t count = 0;                                      ///< > 0: stop after this many measured cycles instead
   std::chrono::nanoseconds grace = std::chrono::seconds(1);     ///< cycles in flight at the end may finish this long
 };
 
 /// What a run measured. Only cycles that ended inside the measured window count.
 struct load_result {
-  histogram latency;                    ///< whole cycle (keepalive: one request), nanoseconds
-  std::uint64_t completed = 0;          ///< successful cycles
+  histogram latency;            ///< whole cycle (keepalive: one request), nanoseconds
+  std::uint64_t completed = 0;  ///< successful cycles
   std::array<std::uint64_t, error_class_count> errors{};
-  std::uint64_t connections_opened = 0; ///< connect() calls that succeeded or were in progress
+  std::uint64_t connections_opened = 0;  ///< connect() calls that succeeded or were in progress
   std::uint64_t bytes_in = 0;
   /// server_close / keepalive: the server ended the connection with a RST
   /// instead of a FIN after a whole response (a success, noted).
   std::uint64_t server_reset_after_response = 0;
-  std::uint64_t aborted_at_end = 0;     ///< cycles still in flight after the grace period (reset, not counted)
-  double window_s = 0;                  ///< length of the measured window
+  std::uint64_t aborted_at_end = 0;  ///< cycles still in flight after the grace period (reset, not counted)
+  double window_s = 0;               ///< length of the measured window
   std::uint64_t errors_total() const noexcept {
     std::uint64_t n = 0;
     for (auto e : errors) n += e;

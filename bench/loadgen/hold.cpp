@@ -239,8 +239,7 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
     }
     r.rss_after_kib = read_rss_kib(cfg.server_pid);
     if (r.rss_before_kib >= 0 && r.rss_after_kib >= 0 && r.opened > 0) {
-      r.kib_per_connection =
-          static_cast<double>(r.rss_after_kib - r.rss_before_kib) / static_cast<double>(r.opened);
+      r.kib_per_connection = static_cast<double>(r.rss_after_kib - r.rss_before_kib) / static_cast<double>(r.opened);
     }
   }
   std::error_code ec;

@@ -25,21 +25,21 @@ struct hold_config {
   socklen_t target_len = 0;
   std::uint16_t port = 0;
   bool half_request = false;
-  std::string full_request;   ///< for the warm-up exchanges
-  std::string partial_request;///< what a half-request connection sends
+  std::string full_request;     ///< for the warm-up exchanges
+  std::string partial_request;  ///< what a half-request connection sends
   unsigned connections = 1000;
   std::chrono::milliseconds hold{0};  ///< keep the connections this long after measuring
-  int server_pid = 0;                  ///< 0: no RSS reading
-  unsigned warmup_requests = 200;      ///< whole exchanges before "before", so that lazily built server state exists
+  int server_pid = 0;                 ///< 0: no RSS reading
+  unsigned warmup_requests = 200;     ///< whole exchanges before "before", so that lazily built server state exists
   std::chrono::milliseconds settle_max{5000};
   std::chrono::milliseconds connect_timeout{5000};
 };
 
 struct hold_result {
-  unsigned opened = 0;            ///< connections established (and, half-request: the partial request written)
-  unsigned failed = 0;            ///< connects that failed or timed out
+  unsigned opened = 0;  ///< connections established (and, half-request: the partial request written)
+  unsigned failed = 0;  ///< connects that failed or timed out
   unsigned warmup_failed = 0;
-  long rss_before_kib = -1;       ///< -1: not read
+  long rss_before_kib = -1;  ///< -1: not read
   long rss_after_kib = -1;
   double kib_per_connection = 0;
   std::size_t server_established = 0;  ///< the server side's ESTABLISHED sockets on the port (sock_diag)

@@ -328,7 +328,8 @@ TEST(Engine, KeepaliveCountsRequestsAndHonoursConnectionClose) {
   raw_server srv([](int fd) {
     send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na");
     char buf[512];
-    if (::recv(fd, buf, sizeof(buf), 0) > 0) send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nb");
+    if (::recv(fd, buf, sizeof(buf), 0) > 0)
+      send_all(fd, "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nb");
     ::shutdown(fd, SHUT_WR);
     close_after_peer(fd);
   });

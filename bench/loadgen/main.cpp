@@ -148,11 +148,37 @@ std::size_t count_in(const std::map<std::string, std::size_t>& m, const std::str
 }
 
 // CSV: one header for every mode, so that rows of several runs share a file.
-const std::vector<std::string> csv_columns = {
-    "mode", "target", "path", "threads", "connections", "window_s", "completed", "rate", "unit", "p50_us",
-    "p90_us", "p99_us", "max_us", "errors", "refused", "reset", "broken_pipe", "timeout", "truncated",
-    "addr_unavailable", "bad_status", "protocol", "other", "time_wait_client", "time_wait_server", "opened",
-    "failed", "rss_before_kib", "rss_after_kib", "kib_per_connection", "load1"};
+const std::vector<std::string> csv_columns = {"mode",
+                                              "target",
+                                              "path",
+                                              "threads",
+                                              "connections",
+                                              "window_s",
+                                              "completed",
+                                              "rate",
+                                              "unit",
+                                              "p50_us",
+                                              "p90_us",
+                                              "p99_us",
+                                              "max_us",
+                                              "errors",
+                                              "refused",
+                                              "reset",
+                                              "broken_pipe",
+                                              "timeout",
+                                              "truncated",
+                                              "addr_unavailable",
+                                              "bad_status",
+                                              "protocol",
+                                              "other",
+                                              "time_wait_client",
+                                              "time_wait_server",
+                                              "opened",
+                                              "failed",
+                                              "rss_before_kib",
+                                              "rss_after_kib",
+                                              "kib_per_connection",
+                                              "load1"};
 
 bool write_csv(const std::string& path, const json& j) {
   bool need_header = true;
@@ -220,10 +246,11 @@ struct progress_line {
 
 int main(int argc, char** argv) {
   app::ignore_sigpipe();
-  CLI::App cli{"Teardown-throughput load generator: whole connect-request-response-close cycles per second, by who "
-               "closes and how (FIN or RST), with latency, errors by class and TIME_WAIT left on each side; or the "
-               "server's memory per idle / half-request connection.",
-               name};
+  CLI::App cli{
+      "Teardown-throughput load generator: whole connect-request-response-close cycles per second, by who "
+      "closes and how (FIN or RST), with latency, errors by class and TIME_WAIT left on each side; or the "
+      "server's memory per idle / half-request connection.",
+      name};
   std::string target_text;
   std::string path = "/";
   std::string host;
@@ -260,8 +287,7 @@ int main(int argc, char** argv) {
   auto* dur = cli.add_option("--duration", duration_s, "Seconds measured (after the warm-up)")
                   ->check(CLI::PositiveNumber)
                   ->capture_default_str();
-  cli.add_option("--count", count, "Stop after this many measured cycles (keepalive: requests) instead")
-      ->excludes(dur);
+  cli.add_option("--count", count, "Stop after this many measured cycles (keepalive: requests) instead")->excludes(dur);
   cli.add_option("--threads", threads, "Client threads, one epoll loop each")
       ->check(CLI::Range(1u, 256u))
       ->capture_default_str();
@@ -345,7 +371,8 @@ int main(int argc, char** argv) {
     j["server_pid"] = server_pid;
     j["rss_before_kib"] = r.rss_before_kib >= 0 ? json(r.rss_before_kib) : json(nullptr);
     j["rss_after_kib"] = r.rss_after_kib >= 0 ? json(r.rss_after_kib) : json(nullptr);
-    j["kib_per_connection"] = r.rss_after_kib >= 0 ? json(std::round(r.kib_per_connection * 1000) / 1000) : json(nullptr);
+    j["kib_per_connection"] =
+        r.rss_after_kib >= 0 ? json(std::round(r.kib_per_connection * 1000) / 1000) : json(nullptr);
     j["server_established"] = r.server_established;
     j["accept_queue_left"] = r.accept_queue_left;
     j["closed_by_server"] = r.closed_by_server;
@@ -465,8 +492,8 @@ int main(int argc, char** argv) {
 
   std::cout << name << " " << app::version() << ": " << mode_text << " against " << target_text << " " << path << ", "
             << j["threads"].get<unsigned>() << " threads, " << connections << " connections, "
-            << (sources > 0 ? std::to_string(sources) + " source addresses, " : "")
-            << fixed(r.window_s, 2) << " s measured (+" << fixed(warmup_s, 2) << " s warm-up)\n";
+            << (sources > 0 ? std::to_string(sources) + " source addresses, " : "") << fixed(r.window_s, 2)
+            << " s measured (+" << fixed(warmup_s, 2) << " s warm-up)\n";
   std::cout << "  " << grouped(static_cast<std::uint64_t>(rate)) << " " << unit << "  (" << grouped(r.completed)
             << (keepalive ? " requests" : " cycles") << ", " << grouped(r.errors_total()) << " errors";
   if (keepalive) std::cout << ", " << grouped(r.connections_opened) << " connections";

@@ -232,7 +232,8 @@ std::size_t response_parser::feed_body(const char* p, const char* end, bool& don
     switch (phase_) {
       case phase::body_length:
       case phase::chunk_data: {
-        const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, static_cast<std::uint64_t>(end - p)));
+        const auto n =
+            static_cast<std::size_t>(std::min<std::uint64_t>(remaining_, static_cast<std::uint64_t>(end - p)));
         p += n;
         remaining_ -= n;
         body_seen_ += n;

@@ -61,7 +61,16 @@ class response_parser {
   const char* error_text() const noexcept { return error_; }
 
  private:
-  enum class phase : std::uint8_t { header, body_length, body_until_eof, chunk_size, chunk_data, chunk_crlf, trailer, done };
+  enum class phase : std::uint8_t {
+    header,
+    body_length,
+    body_until_eof,
+    chunk_size,
+    chunk_data,
+    chunk_crlf,
+    trailer,
+    done
+  };
 
   result fail(const char* why, std::size_t consumed) {
     error_ = why;

@@ -91,9 +91,12 @@ batch_end answer_lines(std::string& pending, bool final, std::size_t max_line, s
       return batch_end::too_long;
     }
     switch (execute(line, db, replies)) {
-      case outcome::next: continue;
-      case outcome::quit: return batch_end::quit;
-      case outcome::abort: return batch_end::abort;
+      case outcome::next:
+        continue;
+      case outcome::quit:
+        return batch_end::quit;
+      case outcome::abort:
+        return batch_end::abort;
     }
   }
   pending.erase(0, start);

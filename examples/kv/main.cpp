@@ -19,9 +19,9 @@
 #include <memory>
 #include <string>
 
-#include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include "closewise/server.hpp"
 #include "closewise/stats.hpp"
@@ -80,8 +80,7 @@ int main(int argc, char** argv) {
     srv.run();  // returns once a SIGTERM/SIGINT drain finished
     if (flags.print_stats) {
       const auto snap = srv.stats().snapshot();
-      std::fputs((flags.stats_format == "prometheus" ? closewise::to_prometheus(snap)
-                                                     : closewise::to_json(snap) + "\n")
+      std::fputs((flags.stats_format == "prometheus" ? closewise::to_prometheus(snap) : closewise::to_json(snap) + "\n")
                      .c_str(),
                  stdout);
     }

@@ -32,10 +32,19 @@ std::string_view to_string(close_policy p) noexcept {
   return name_of(p, names);
 }
 std::string_view to_string(close_cause c) noexcept {
-  static constexpr std::array<std::string_view, 13> names{
-      "none",           "peer_fin_then_ours", "ours_then_peer_fin", "local_fin_close", "peer_reset_idle",
-      "peer_reset_mid_exchange", "local_abort", "safe_reset", "linger_timeout", "linger_limit",
-      "broken_pipe",    "local_error",       "server_drain"};
+  static constexpr std::array<std::string_view, 13> names{"none",
+                                                          "peer_fin_then_ours",
+                                                          "ours_then_peer_fin",
+                                                          "local_fin_close",
+                                                          "peer_reset_idle",
+                                                          "peer_reset_mid_exchange",
+                                                          "local_abort",
+                                                          "safe_reset",
+                                                          "linger_timeout",
+                                                          "linger_limit",
+                                                          "broken_pipe",
+                                                          "local_error",
+                                                          "server_drain"};
   return name_of(c, names);
 }
 std::string_view to_string(side s) noexcept {
@@ -44,17 +53,17 @@ std::string_view to_string(side s) noexcept {
 }
 std::string_view to_string(io_error e) noexcept {
   static constexpr std::array<std::string_view, 7> names{"none",    "eof",       "reset", "broken_pipe",
-                                                          "aborted", "timed_out", "other"};
+                                                         "aborted", "timed_out", "other"};
   return name_of(e, names);
 }
 std::string_view to_string(reset_refusal r) noexcept {
   static constexpr std::array<std::string_view, 5> names{"none", "exchange_incomplete", "writes_pending",
-                                                          "unacked_output", "unread_input"};
+                                                         "unacked_output", "unread_input"};
   return name_of(r, names);
 }
 std::string_view to_string(drain_end d) noexcept {
-  static constexpr std::array<std::string_view, 6> names{"none", "peer_fin", "timeout", "byte_limit", "error",
-                                                          "aborted"};
+  static constexpr std::array<std::string_view, 6> names{"none",       "peer_fin", "timeout",
+                                                         "byte_limit", "error",    "aborted"};
   return name_of(d, names);
 }
 std::string_view to_string(event::kind k) noexcept {
@@ -65,8 +74,7 @@ std::string_view to_string(event::kind k) noexcept {
 }
 
 bool parse(std::string_view text, close_policy& out) noexcept {
-  for (auto p : {close_policy::graceful, close_policy::fin_close, close_policy::abortive,
-                 close_policy::rst_if_safe}) {
+  for (auto p : {close_policy::graceful, close_policy::fin_close, close_policy::abortive, close_policy::rst_if_safe}) {
     if (to_string(p) == text) {
       out = p;
       return true;
@@ -249,7 +257,7 @@ step connection_state::on(const event& e) noexcept {
       return {};
 
     case k::eof: {
-      if (read_ == read_state::reset) return {};  // Linux: reads after ECONNRESET return 0; not a FIN
+      if (read_ == read_state::reset) return {};     // Linux: reads after ECONNRESET return 0; not a FIN
       if (read_ == read_state::peer_fin) return {};  // reading again after EOF: nothing new
       if (read_ != read_state::open) return reject("the read side is not open");
       read_ = read_state::peer_fin;

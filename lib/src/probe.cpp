@@ -11,9 +11,9 @@
 namespace closewise {
 
 std::string_view to_string(tcp_state s) noexcept {
-  static constexpr std::array<std::string_view, 12> names{
-      "UNKNOWN",   "ESTABLISHED", "SYN_SENT", "SYN_RECV",   "FIN_WAIT1", "FIN_WAIT2",
-      "TIME_WAIT", "CLOSE",       "CLOSE_WAIT", "LAST_ACK", "LISTEN",    "CLOSING"};
+  static constexpr std::array<std::string_view, 12> names{"UNKNOWN",    "ESTABLISHED", "SYN_SENT",  "SYN_RECV",
+                                                          "FIN_WAIT1",  "FIN_WAIT2",   "TIME_WAIT", "CLOSE",
+                                                          "CLOSE_WAIT", "LAST_ACK",    "LISTEN",    "CLOSING"};
   const auto i = static_cast<std::size_t>(s);
   return i < names.size() ? names[i] : std::string_view{"UNKNOWN"};
 }

@@ -6,20 +6,24 @@ namespace closewise {
 
 std::string_view to_string(timeout_kind t) noexcept {
   switch (t) {
-    case timeout_kind::none: return "none";
-    case timeout_kind::idle: return "idle";
-    case timeout_kind::read: return "read";
-    case timeout_kind::write: return "write";
+    case timeout_kind::none:
+      return "none";
+    case timeout_kind::idle:
+      return "idle";
+    case timeout_kind::read:
+      return "read";
+    case timeout_kind::write:
+      return "write";
   }
   return "?";
 }
 
 std::string close_report::describe() const {
-  std::string out = fmt::format("cause={} policy={}{} in={} out={} discarded={} drain={}", to_string(cause),
-                                close_requested ? to_string(policy) : std::string_view{"none"},
-                                refusal != reset_refusal::none ? fmt::format(" (refused: {})", to_string(refusal))
-                                                               : std::string{},
-                                bytes_in, bytes_out, bytes_discarded, to_string(drain));
+  std::string out =
+      fmt::format("cause={} policy={}{} in={} out={} discarded={} drain={}", to_string(cause),
+                  close_requested ? to_string(policy) : std::string_view{"none"},
+                  refusal != reset_refusal::none ? fmt::format(" (refused: {})", to_string(refusal)) : std::string{},
+                  bytes_in, bytes_out, bytes_discarded, to_string(drain));
   if (drain != drain_end::none)
     out += fmt::format(" drain_ms={:.3f}", std::chrono::duration<double, std::milli>(drain_time).count());
   out += fmt::format(" first_fin={} time_wait={} rst_sent={} rst_received={} final_state={}", to_string(first_fin),

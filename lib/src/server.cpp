@@ -10,6 +10,7 @@
 #include <system_error>
 #include <thread>
 
+#include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -21,7 +22,6 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <fmt/format.h>
 
 namespace closewise {
 
@@ -36,11 +36,15 @@ void arm_forever(asio::steady_timer& t) { t.expires_at(clock::time_point::max())
 
 accept_error classify_accept(const error_code& ec) {
   switch (ec.value()) {
-    case EMFILE: return accept_error::emfile;
-    case ENFILE: return accept_error::enfile;
+    case EMFILE:
+      return accept_error::emfile;
+    case ENFILE:
+      return accept_error::enfile;
     case ENOBUFS:
-    case ENOMEM: return accept_error::nobufs;
-    case ECONNABORTED: return accept_error::aborted;
+    case ENOMEM:
+      return accept_error::nobufs;
+    case ECONNABORTED:
+      return accept_error::aborted;
     // accept(2): "already-pending network errors" to be treated like EAGAIN.
     case EPROTO:
     case ENOPROTOOPT:
@@ -50,8 +54,10 @@ accept_error classify_accept(const error_code& ec) {
     case EOPNOTSUPP:
     case ENETUNREACH:
     case ENETDOWN:
-    case EPERM: return accept_error::protocol;
-    default: return accept_error::other;
+    case EPERM:
+      return accept_error::protocol;
+    default:
+      return accept_error::other;
   }
 }
 
@@ -104,7 +110,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   std::atomic<bool> draining{false};
   std::atomic<bool> paused{false};
   std::atomic<std::uint64_t> forced{0};
-  std::size_t next_worker = 0;  // touched only by the accept loops (worker 0)
+  std::size_t next_worker = 0;                  // touched only by the accept loops (worker 0)
   std::optional<asio::steady_timer> slot_free;  // on worker 0: wakes paused accept loops
   std::optional<asio::signal_set> signals;
 

@@ -23,8 +23,7 @@ struct fd_guard {
 };
 
 // One dump request for one address family; appends matching sockets to `out`.
-bool dump_family(int nl, std::uint8_t family, std::uint16_t port, std::vector<diag_socket>& out,
-                 std::error_code& ec) {
+bool dump_family(int nl, std::uint8_t family, std::uint16_t port, std::vector<diag_socket>& out, std::error_code& ec) {
   struct {
     nlmsghdr nlh;
     inet_diag_req_v2 req;

@@ -97,25 +97,25 @@ void each_counter(const stats_snapshot& s, F&& f) {
 std::string to_json(const stats_snapshot& s) {
   std::string out = "{";
   std::string_view open_group;  // name of the labelled object being written
-  each_counter(s, [&](std::string_view name, std::string_view label, std::string_view value, std::uint64_t v,
-                      std::string_view) {
-    if (!open_group.empty() && open_group != name) {
-      out += "}";
-      open_group = {};
-    }
-    if (out.size() > 1 && open_group.empty()) out += ",";
-    if (label.empty()) {
-      out += fmt::format("\"{}\":{}", name, v);
-      return;
-    }
-    if (open_group.empty()) {
-      out += fmt::format("\"{}\":{{", name);
-      open_group = name;
-    } else {
-      out += ",";
-    }
-    out += fmt::format("\"{}\":{}", value, v);
-  });
+  each_counter(
+      s, [&](std::string_view name, std::string_view label, std::string_view value, std::uint64_t v, std::string_view) {
+        if (!open_group.empty() && open_group != name) {
+          out += "}";
+          open_group = {};
+        }
+        if (out.size() > 1 && open_group.empty()) out += ",";
+        if (label.empty()) {
+          out += fmt::format("\"{}\":{}", name, v);
+          return;
+        }
+        if (open_group.empty()) {
+          out += fmt::format("\"{}\":{{", name);
+          open_group = name;
+        } else {
+          out += ",";
+        }
+        out += fmt::format("\"{}\":{}", value, v);
+      });
   if (!open_group.empty()) out += "}";
   out += "}";
   return out;

@@ -14,9 +14,7 @@ namespace asio = boost::asio;
 
 namespace {
 
-asio::awaitable<void> hello(closewise::connection& c) {
-  co_await c.write(asio::buffer(std::string_view("hello\n")));
-}
+asio::awaitable<void> hello(closewise::connection& c) { co_await c.write(asio::buffer(std::string_view("hello\n"))); }
 
 asio::awaitable<void> fetch(std::string target, std::string& got) {
   auto [ec, s] = co_await closewise::connect(co_await asio::this_coro::executor, target, std::chrono::seconds(2));

@@ -167,9 +167,9 @@ TEST(kv_example, malformed_lines_get_an_error_reply_not_a_crash) {
   auto peer = connect_to(s.port());
   // Empty, unknown, missing or extra arguments, wrong case, stray spaces,
   // binary bytes, tabs instead of spaces.
-  const std::string bad[] = {"",       "BOGUS",  "SET",      "SET k",    "SET  v",
-                             "GET",    "GET a b", "DEL",     "del a",    " GET a",
-                             "QUIT now", std::string("\0\xff\x01", 3), "\r", "GET\ta", "SET\tk v"};
+  const std::string bad[] = {"",        "BOGUS",  "SET",     "SET k",  "SET  v",   "GET",
+                             "GET a b", "DEL",    "del a",   " GET a", "QUIT now", std::string("\0\xff\x01", 3),
+                             "\r",      "GET\ta", "SET\tk v"};
   std::string request;
   for (const auto& line : bad) request += line + "\n";
   request += "SET k v\n";

@@ -66,7 +66,8 @@ TEST_P(idle_after_write, read_after_a_completed_write_is_bounded_by_idle_timeout
   // The timeout that fired is the idle one, not the (unlimited) read timeout.
   std::optional<close_report> rep;
   s.async_close(close_policy::abortive, [&](close_report r) { rep = std::move(r); });
-  ASSERT_TRUE(run_until(ioc, [&] { return rep.has_value(); }, 3s));
+  ASSERT_TRUE(run_until(
+      ioc, [&] { return rep.has_value(); }, 3s));
   EXPECT_EQ(rep->timeout, timeout_kind::idle) << rep->describe();
 }
 

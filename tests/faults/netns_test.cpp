@@ -26,10 +26,10 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
-#include "../support/sessions.hpp"
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 #include "../support/running_server.hpp"
+#include "../support/sessions.hpp"
 #include "closewise/server.hpp"
 
 using namespace closewise;

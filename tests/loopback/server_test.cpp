@@ -9,18 +9,18 @@
 #include <sys/un.h>
 
 #include <csignal>
+#include <future>
 #include <random>
 #include <set>
-#include <future>
 #include <thread>
 
-#include "../support/sessions.hpp"
-#include "../support/loopback.hpp"
-#include "../support/running_server.hpp"
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/write.hpp>
+#include "../support/loopback.hpp"
+#include "../support/running_server.hpp"
+#include "../support/sessions.hpp"
 
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
@@ -517,7 +517,7 @@ TEST(server, unix_socket_listener_echoes) {
   server_options o;
   o.unix_paths = {path};
   o.threads = 1;
-    server srv(o, echo_session);
+  server srv(o, echo_session);
   srv.start();
   EXPECT_EQ(srv.local_endpoints().front(), "unix:" + path);
   std::thread io([&] { srv.run(); });

@@ -537,9 +537,8 @@ TEST_P(stream_test, caller_cancellation_reaches_the_read) {
   asio::cancellation_signal cancel;
   char buf[16];
   std::optional<error_code> read_result;
-  s.async_read_some(asio::buffer(buf), asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, std::size_t) {
-                      read_result = ec;
-                    }));
+  s.async_read_some(asio::buffer(buf),
+                    asio::bind_cancellation_slot(cancel.slot(), [&](error_code ec, std::size_t) { read_result = ec; }));
   ioc_.poll();
   cancel.emit(asio::cancellation_type::terminal);
   ASSERT_TRUE(run_until(ioc_, [&] { return read_result.has_value(); }));

@@ -33,10 +33,10 @@
 #include <mutex>
 #include <thread>
 
-#include "../support/sessions.hpp"
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 #include "../support/running_server.hpp"
+#include "../support/sessions.hpp"
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
 

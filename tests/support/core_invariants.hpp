@@ -47,10 +47,26 @@ struct snapshot {
 // `on`) is observed through the same accessors.
 template <typename Machine>
 snapshot observe(const Machine& s) {
-  return {s.read(),           s.write(),           s.current_phase(),   s.closing(),        s.finished(),
-          s.draining(),       s.policy(),          s.bytes_received(),  s.bytes_delivered(), s.bytes_discarded(),
-          s.bytes_sent(),     s.writes_in_flight(), s.mid_exchange(),   s.exchange_complete(), s.first_fin(),
-          s.cause(),          s.how_drain_ended(), s.refusal(),         s.rst_sent(),       s.rst_received(),
+  return {s.read(),
+          s.write(),
+          s.current_phase(),
+          s.closing(),
+          s.finished(),
+          s.draining(),
+          s.policy(),
+          s.bytes_received(),
+          s.bytes_delivered(),
+          s.bytes_discarded(),
+          s.bytes_sent(),
+          s.writes_in_flight(),
+          s.mid_exchange(),
+          s.exchange_complete(),
+          s.first_fin(),
+          s.cause(),
+          s.how_drain_ended(),
+          s.refusal(),
+          s.rst_sent(),
+          s.rst_received(),
           s.time_wait_holder()};
 }
 
@@ -81,8 +97,8 @@ struct trace_entry {
 };
 
 inline std::string describe(const trace_entry& t) {
-  return describe(t.ev) + (t.result.accepted ? " -> " + to_string(t.result.todo)
-                                             : " -> rejected: " + std::string{t.result.reason}) +
+  return describe(t.ev) +
+         (t.result.accepted ? " -> " + to_string(t.result.todo) : " -> rejected: " + std::string{t.result.reason}) +
          " | " + describe(t.after);
 }
 

@@ -43,19 +43,27 @@ std::uint64_t base_seed() {
 
 event random_event(std::mt19937& rng) {
   using k = event::kind;
-  static constexpr std::array<k, 11> kinds{k::bytes_read,     k::eof,   k::read_error,     k::write_started,
-                                           k::write_done,     k::write_error, k::shutdown_write, k::close,
-                                           k::linger_timeout, k::exchange_complete, k::local_error};
+  static constexpr std::array<k, 11> kinds{
+      k::bytes_read,     k::eof,   k::read_error,     k::write_started,     k::write_done, k::write_error,
+      k::shutdown_write, k::close, k::linger_timeout, k::exchange_complete, k::local_error};
   std::discrete_distribution<int> kind_of{4, 1, 1, 4, 4, 1, 1, 2, 1, 2, 1};
   auto pick = [&](int n) { return std::uniform_int_distribution<int>{0, n - 1}(rng); };
 
   event e{};
   e.what = kinds[static_cast<std::size_t>(kind_of(rng))];
   switch (pick(4)) {
-    case 0: e.bytes = 0; break;
-    case 1: e.bytes = 1; break;
-    case 2: e.bytes = std::uniform_int_distribution<std::uint64_t>{1, 1500}(rng); break;
-    default: e.bytes = std::uniform_int_distribution<std::uint64_t>{0, 1u << 20}(rng); break;
+    case 0:
+      e.bytes = 0;
+      break;
+    case 1:
+      e.bytes = 1;
+      break;
+    case 2:
+      e.bytes = std::uniform_int_distribution<std::uint64_t>{1, 1500}(rng);
+      break;
+    default:
+      e.bytes = std::uniform_int_distribution<std::uint64_t>{0, 1u << 20}(rng);
+      break;
   }
   e.error = static_cast<io_error>(pick(7));
   e.policy = static_cast<close_policy>(pick(4));
@@ -155,8 +163,8 @@ TEST(checker_self_test, hand_built_trace_with_action_after_finished_is_flagged) 
 // Broken builds of the machine, each breaking one promise.
 struct premature_fin : connection_state {
   step on(const event& e) noexcept {
-    const bool busy = e.what == event::kind::shutdown_write && !finished() && writes_in_flight() > 0 &&
-                      write() == write_state::open;
+    const bool busy =
+        e.what == event::kind::shutdown_write && !finished() && writes_in_flight() > 0 && write() == write_state::open;
     step r = connection_state::on(e);
     if (busy) r.todo |= action::send_fin;  // the FIN jumps the queue
     return r;

@@ -60,10 +60,26 @@ struct snapshot {
 };
 
 snapshot observe(const connection_state& s) {
-  return {s.read(),           s.write(),           s.current_phase(),   s.closing(),        s.finished(),
-          s.draining(),       s.policy(),          s.bytes_received(),  s.bytes_delivered(), s.bytes_discarded(),
-          s.bytes_sent(),     s.writes_in_flight(), s.mid_exchange(),   s.exchange_complete(), s.first_fin(),
-          s.cause(),          s.how_drain_ended(), s.refusal(),         s.rst_sent(),       s.rst_received(),
+  return {s.read(),
+          s.write(),
+          s.current_phase(),
+          s.closing(),
+          s.finished(),
+          s.draining(),
+          s.policy(),
+          s.bytes_received(),
+          s.bytes_delivered(),
+          s.bytes_discarded(),
+          s.bytes_sent(),
+          s.writes_in_flight(),
+          s.mid_exchange(),
+          s.exchange_complete(),
+          s.first_fin(),
+          s.cause(),
+          s.how_drain_ended(),
+          s.refusal(),
+          s.rst_sent(),
+          s.rst_received(),
           s.time_wait_holder()};
 }
 
@@ -292,8 +308,8 @@ std::vector<row> transition_table() {
   // fin_sent: our FIN is out (FIN_WAIT), no close asked; the peer may still send.
   st = "fin_sent";
   t.push_back(ok(st, "bytes_read", none, rs::open, ws::fin_sent, ph::local_half_closed));
-  t.push_back(ok(st, "eof", a::notify_peer_fin | closed_now, rs::peer_fin, ws::fin_sent, ph::closed,
-                 cc::ours_then_peer_fin));
+  t.push_back(
+      ok(st, "eof", a::notify_peer_fin | closed_now, rs::peer_fin, ws::fin_sent, ph::closed, cc::ours_then_peer_fin));
   t.push_back(ok(st, "read_error(reset)", closed_now, rs::reset, ws::broken, ph::reset, cc::peer_reset_idle));
   t.push_back(no(st, "write_started"));  // EPIPE territory (DESIGN.md row 5)
   t.push_back(no(st, "write_done"));
@@ -316,11 +332,13 @@ std::vector<row> transition_table() {
   t.push_back(no(st, "write_done"));
   t.push_back(no(st, "write_error(broken_pipe)"));
   t.push_back(ok(st, "shutdown_write", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
-  t.push_back(ok(st, "close(graceful)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
-  t.push_back(ok(st, "close(fin_close)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
+  t.push_back(
+      ok(st, "close(graceful)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
+  t.push_back(
+      ok(st, "close(fin_close)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
   t.push_back(ok(st, "close(abortive)", rst_now, rs::peer_fin, ws::reset_sent, ph::reset, cc::local_abort));
-  t.push_back(ok(st, "close(rst_if_safe)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed,
-                 cc::peer_fin_then_ours));
+  t.push_back(
+      ok(st, "close(rst_if_safe)", fin_close_done, rs::peer_fin, ws::fin_sent, ph::closed, cc::peer_fin_then_ours));
   t.push_back(no(st, "linger_timeout"));
   t.push_back(ok(st, "exchange_complete", none, rs::peer_fin, ws::open, ph::remote_half_closed));
   t.push_back(ok(st, "local_error", closed_now, rs::peer_fin, ws::open, ph::closed, cc::local_error));
@@ -395,8 +413,8 @@ const std::vector<named_state>& start_states() {
 
 const std::vector<named_state>& finished_states() {
   static const std::vector<named_state> states{
-      {"finished_graceful", finished_graceful},   {"finished_fin_close", finished_fin_close},
-      {"finished_peer_reset", finished_peer_reset}, {"finished_abortive", finished_abortive},
+      {"finished_graceful", finished_graceful},       {"finished_fin_close", finished_fin_close},
+      {"finished_peer_reset", finished_peer_reset},   {"finished_abortive", finished_abortive},
       {"finished_broken_pipe", finished_broken_pipe}, {"finished_local_error", finished_local_error},
   };
   return states;
@@ -793,8 +811,8 @@ struct refusal_case {
 
 TEST(rst_if_safe, each_refusal_falls_back_to_graceful_and_says_why) {
   const std::vector<refusal_case> cases{
-      {"never marked complete", [] { return connection_state{}; }, empty_queues(),
-       reset_refusal::exchange_incomplete, action::send_fin | action::start_drain},
+      {"never marked complete", [] { return connection_state{}; }, empty_queues(), reset_refusal::exchange_incomplete,
+       action::send_fin | action::start_drain},
       {"new input after complete",
        [] {
          connection_state s = exchange_done();
@@ -977,7 +995,7 @@ TEST(time_wait, first_fin_keeps_time_wait) {
 
 TEST(time_wait, nobody_after_any_rst) {
   {
-    connection_state s = fin_sent();  // our FIN went first...
+    connection_state s = fin_sent();               // our FIN went first...
     feed(s, event::read_failed(io_error::reset));  // ...but the peer reset
     EXPECT_EQ(s.time_wait_holder(), side::none);
   }

@@ -151,9 +151,9 @@ std::string to_string(actions);
 /// What the kernel says about a socket at one moment (see probe.hpp), as far
 /// as the machine needs it to decide rst_if_safe.
 struct queue_probe {
-  bool valid = false;          ///< false when the probe could not be taken
-  std::uint64_t unread = 0;    ///< SIOCINQ: bytes received but not read by us
-  std::uint64_t unacked = 0;   ///< SIOCOUTQ: bytes written but not yet acknowledged by the peer
+  bool valid = false;         ///< false when the probe could not be taken
+  std::uint64_t unread = 0;   ///< SIOCINQ: bytes received but not read by us
+  std::uint64_t unacked = 0;  ///< SIOCOUTQ: bytes written but not yet acknowledged by the peer
 };
 
 /// Limits on a graceful drain.
@@ -164,24 +164,24 @@ struct drain_limits {
 /// One input to the machine.
 struct event {
   enum class kind : std::uint8_t {
-    bytes_read,          ///< `bytes` arrived and were read
-    eof,                 ///< a read returned 0 / asio::error::eof
-    read_error,          ///< a read failed with `error`
-    write_started,       ///< a write of `bytes` was handed to the kernel
-    write_done,          ///< a write completed having sent `bytes`
-    write_error,         ///< a write failed with `error`
-    shutdown_write,      ///< the application asked for our FIN (after queued writes)
-    close,               ///< the application asked to end the connection with `policy`
-    linger_timeout,      ///< the graceful drain's timer fired
-    exchange_complete,   ///< the application says the requester has everything it asked for
-    local_error,         ///< an error on our side ends the connection (e.g. a timeout)
+    bytes_read,         ///< `bytes` arrived and were read
+    eof,                ///< a read returned 0 / asio::error::eof
+    read_error,         ///< a read failed with `error`
+    write_started,      ///< a write of `bytes` was handed to the kernel
+    write_done,         ///< a write completed having sent `bytes`
+    write_error,        ///< a write failed with `error`
+    shutdown_write,     ///< the application asked for our FIN (after queued writes)
+    close,              ///< the application asked to end the connection with `policy`
+    linger_timeout,     ///< the graceful drain's timer fired
+    exchange_complete,  ///< the application says the requester has everything it asked for
+    local_error,        ///< an error on our side ends the connection (e.g. a timeout)
   };
   kind what{};
   std::uint64_t bytes = 0;
   io_error error = io_error::none;
   close_policy policy = close_policy::graceful;
-  queue_probe probe{};   ///< with close(rst_if_safe): the kernel's queues at the moment of the decision
-  drain_limits limits{}; ///< with close(graceful or fallback)
+  queue_probe probe{};    ///< with close(rst_if_safe): the kernel's queues at the moment of the decision
+  drain_limits limits{};  ///< with close(graceful or fallback)
   close_cause cause = close_cause::local_error;  ///< with local_error: the cause to report
 
   static event read(std::uint64_t n) noexcept { return {kind::bytes_read, n}; }

@@ -32,10 +32,10 @@ std::string_view to_string(tcp_state) noexcept;
 /// One reading of a socket's kernel state. Fields the kernel would not give
 /// stay empty (a Unix socket has no TCP state; a closed descriptor has nothing).
 struct socket_probe {
-  tcp_state state = tcp_state::unknown;   ///< TCP_INFO.tcpi_state
-  std::optional<std::uint64_t> unread;    ///< SIOCINQ: received, not yet read by us
-  std::optional<std::uint64_t> unacked;   ///< SIOCOUTQ: written, not yet acknowledged (unsent included)
-  std::optional<std::uint64_t> unsent;    ///< SIOCOUTQNSD: written, not yet sent
+  tcp_state state = tcp_state::unknown;  ///< TCP_INFO.tcpi_state
+  std::optional<std::uint64_t> unread;   ///< SIOCINQ: received, not yet read by us
+  std::optional<std::uint64_t> unacked;  ///< SIOCOUTQ: written, not yet acknowledged (unsent included)
+  std::optional<std::uint64_t> unsent;   ///< SIOCOUTQNSD: written, not yet sent
 
   /// The subset the state machine uses to decide rst_if_safe.
   queue_probe queues() const noexcept {

@@ -66,13 +66,13 @@ struct server_options {
   /// server bounds every wait by default: idle 75 s, read 30 s, write 30 s.
   stream_options stream = server_stream_defaults();
   close_policy policy = close_policy::graceful;  ///< how the server ends connections by default
-  std::size_t max_connections = 10000;  ///< open connections at most; see `overflow`
+  std::size_t max_connections = 10000;           ///< open connections at most; see `overflow`
   overflow_action overflow = overflow_action::pause_accept;
-  std::size_t write_high_watermark = 1 << 20;  ///< above this many queued bytes, reading pauses
-  std::size_t write_low_watermark = 256 << 10; ///< reading resumes below this
+  std::size_t write_high_watermark = 1 << 20;      ///< above this many queued bytes, reading pauses
+  std::size_t write_low_watermark = 256 << 10;     ///< reading resumes below this
   std::chrono::milliseconds drain_timeout{10000};  ///< drain: force (RST) what is still open after this
   std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
-  int backlog = 1024;  ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
+  int backlog = 1024;           ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
   bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
   /// SO_REUSEPORT on TCP listeners: several processes share one port, so a
   /// restarted instance can listen before the old one stops. Connections

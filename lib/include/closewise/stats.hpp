@@ -17,12 +17,12 @@ namespace closewise {
 
 /// Accept errors by kind.
 enum class accept_error : std::uint8_t {
-  emfile,       ///< EMFILE: this process is out of descriptors (backed off)
-  enfile,       ///< ENFILE: the system is out of descriptors (backed off)
-  nobufs,       ///< ENOBUFS / ENOMEM: out of kernel memory (backed off)
-  aborted,      ///< ECONNABORTED: the client reset before we accepted (survived)
-  protocol,     ///< EPROTO and the network errors accept(2) passes on (survived)
-  other,        ///< anything else (survived, backed off)
+  emfile,    ///< EMFILE: this process is out of descriptors (backed off)
+  enfile,    ///< ENFILE: the system is out of descriptors (backed off)
+  nobufs,    ///< ENOBUFS / ENOMEM: out of kernel memory (backed off)
+  aborted,   ///< ECONNABORTED: the client reset before we accepted (survived)
+  protocol,  ///< EPROTO and the network errors accept(2) passes on (survived)
+  other,     ///< anything else (survived, backed off)
 };
 inline constexpr std::size_t accept_error_count = 6;
 std::string_view to_string(accept_error) noexcept;
@@ -36,24 +36,24 @@ struct stats_snapshot {
   std::uint64_t open = 0;
   std::uint64_t closed = 0;
   std::array<std::uint64_t, close_cause_count> closed_by_cause{};  ///< indexed by close_cause
-  std::uint64_t fin_first_local = 0;   ///< we sent the first FIN
-  std::uint64_t fin_first_peer = 0;    ///< the peer sent the first FIN
-  std::uint64_t time_wait_local = 0;   ///< connections that left TIME_WAIT on our side
-  std::uint64_t time_wait_peer = 0;    ///< connections that left TIME_WAIT on the peer's side
-  std::uint64_t rst_sent = 0;          ///< RSTs we sent (policy, limits)
-  std::uint64_t rst_received = 0;      ///< RSTs the peer sent
-  std::uint64_t kernel_resets = 0;     ///< closes the kernel turned into RST (unread input)
+  std::uint64_t fin_first_local = 0;                               ///< we sent the first FIN
+  std::uint64_t fin_first_peer = 0;                                ///< the peer sent the first FIN
+  std::uint64_t time_wait_local = 0;                               ///< connections that left TIME_WAIT on our side
+  std::uint64_t time_wait_peer = 0;  ///< connections that left TIME_WAIT on the peer's side
+  std::uint64_t rst_sent = 0;        ///< RSTs we sent (policy, limits)
+  std::uint64_t rst_received = 0;    ///< RSTs the peer sent
+  std::uint64_t kernel_resets = 0;   ///< closes the kernel turned into RST (unread input)
   std::uint64_t bytes_in = 0;
   std::uint64_t bytes_out = 0;
-  std::uint64_t bytes_discarded = 0;   ///< read and thrown away while draining
-  std::array<std::uint64_t, timeout_kind_count> timeouts{};  ///< indexed by timeout_kind (none unused)
-  std::uint64_t linger_timeouts = 0;   ///< graceful drains cut by time
-  std::uint64_t linger_limits = 0;     ///< graceful drains cut by the byte budget
-  std::uint64_t limit_rejected = 0;    ///< connections refused over the connection limit
-  std::uint64_t limit_paused = 0;      ///< times accepting paused at the connection limit
+  std::uint64_t bytes_discarded = 0;                              ///< read and thrown away while draining
+  std::array<std::uint64_t, timeout_kind_count> timeouts{};       ///< indexed by timeout_kind (none unused)
+  std::uint64_t linger_timeouts = 0;                              ///< graceful drains cut by time
+  std::uint64_t linger_limits = 0;                                ///< graceful drains cut by the byte budget
+  std::uint64_t limit_rejected = 0;                               ///< connections refused over the connection limit
+  std::uint64_t limit_paused = 0;                                 ///< times accepting paused at the connection limit
   std::array<std::uint64_t, accept_error_count> accept_errors{};  ///< indexed by accept_error
-  std::uint64_t drain_closed = 0;      ///< idle connections closed gracefully by a drain
-  std::uint64_t drain_forced = 0;      ///< connections reset at the drain deadline
+  std::uint64_t drain_closed = 0;                                 ///< idle connections closed gracefully by a drain
+  std::uint64_t drain_forced = 0;                                 ///< connections reset at the drain deadline
 };
 
 /// The counters of one server.
@@ -61,7 +61,10 @@ class server_stats {
  public:
   /// Counts one finished connection.
   void record(const close_report& r) noexcept;
-  void accepted() noexcept { add(accepted_); add(open_); }
+  void accepted() noexcept {
+    add(accepted_);
+    add(open_);
+  }
   void accept_failed(accept_error e) noexcept { add(accept_errors_[static_cast<std::size_t>(e)]); }
   void limit_rejected() noexcept { add(limit_rejected_); }
   void limit_paused() noexcept { add(limit_paused_); }

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <utility>
 
+#include <spdlog/logger.h>
 #include <boost/asio/append.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/async_result.hpp>
@@ -37,7 +38,6 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/socket_base.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <spdlog/logger.h>
 
 #include "closewise/core.hpp"
 #include "closewise/log.hpp"
@@ -118,9 +118,9 @@ struct stream_impl {
   stream_options opts;
   connection_state core;
   std::uint64_t id = next_connection_id();
-  asio::steady_timer deadline;         // teardown deadline (flush, drain, safe-reset wait)
-  asio::steady_timer finished_signal;  // never expires; cancelled when the connection finished
-  asio::steady_timer fin_signal;       // never expires; cancelled when our FIN went out (or it never will)
+  asio::steady_timer deadline;             // teardown deadline (flush, drain, safe-reset wait)
+  asio::steady_timer finished_signal;      // never expires; cancelled when the connection finished
+  asio::steady_timer fin_signal;           // never expires; cancelled when our FIN went out (or it never will)
   asio::cancellation_signal read_cancel;   // cancels the application's read (close takeover, timeout)
   asio::cancellation_signal write_cancel;  // cancels the application's write (timeout)
   bool app_read_in_flight = false;
@@ -141,7 +141,7 @@ struct stream_impl {
   watch read_w;
   watch write_w;
   timeout_kind timed_out = timeout_kind::none;
-  std::size_t write_completing = 0;     // bytes of a write whose continuation is running
+  std::size_t write_completing = 0;    // bytes of a write whose continuation is running
   bool in_write_continuation = false;  // that write is done, though the core still counts it
   bool close_requested = false;
   clock::time_point close_started{};
@@ -217,7 +217,9 @@ struct stream_impl {
     fin_signal.cancel();
     const bool loud = report->rst_sent || report->rst_received || report->kernel_reset() ||
                       report->drain == drain_end::timeout || report->drain == drain_end::byte_limit;
-    log(loud ? spdlog::level::info : spdlog::level::debug, "closed: {}", report->describe());
+    const auto level = loud ? spdlog::level::info : spdlog::level::debug;
+    // describe() formats a whole line: only when it will be printed.
+    if (closewise::logger()->should_log(level)) log(level, "closed: {}", report->describe());
     if (on_close) on_close(*report);
   }
 
@@ -342,8 +344,7 @@ class basic_stream {
 
   /// Constructs the socket from `arg` (an executor or an io_context).
   template <class Arg>
-    requires(!std::is_same_v<std::decay_t<Arg>, NextLayer>)
-  explicit basic_stream(Arg&& arg, stream_options opts = {})
+  requires(!std::is_same_v<std::decay_t<Arg>, NextLayer>) explicit basic_stream(Arg&& arg, stream_options opts = {})
       : impl_(std::make_shared<impl_type>(opts, std::forward<Arg>(arg))) {}
 
   /// Moves the connection; the moved-from stream is empty (use only to destroy or assign).
@@ -504,8 +505,7 @@ class basic_stream {
         if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
           slot.assign([sig = &impl->write_cancel](asio::cancellation_type t) { sig->emit(t); });
         }
-        impl->next.async_write_some(buffers,
-                                    asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
+        impl->next.async_write_some(buffers, asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
         return;
       }
       impl->app_write_in_flight = false;
@@ -663,7 +663,7 @@ class basic_stream {
       s.log(spdlog::level::debug, "close requested: {} ({})", to_string(policy), to_string(st.todo));
       s.arm_deadline(impl);
       if (st.todo.has(action::start_drain)) {
-        s.drain_buffer = std::make_unique<char[]>(s.opts.drain_buffer_size);
+        s.drain_buffer = std::make_unique_for_overwrite<char[]>(s.opts.drain_buffer_size);  // discarded: no zeroing
         return drain(self);
       }
       return wait_finish(self);
