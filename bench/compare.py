@@ -949,7 +949,9 @@ def main() -> int:
     bins["reqresp"] = reqresp
     version = lambda argv: subprocess.run(argv, capture_output=True, text=True).stdout.strip() or "?"  # noqa: E731
     servers_meta["closewise-reqresp"] = (
-        {"available": True, "path": str(reqresp), "version": version([str(reqresp), "--version"]),
+        {"available": True,
+         "path": str(reqresp.relative_to(ROOT) if reqresp.is_relative_to(ROOT) else reqresp),  # no machine paths
+         "version": version([str(reqresp), "--version"]),
          "describe": f"`{reqresp.relative_to(ROOT) if reqresp.is_relative_to(ROOT) else reqresp} --threads 1 "
                      "--teardown graceful` (closewise + Beast)"}
         if reqresp else {"available": False, "why": why})
