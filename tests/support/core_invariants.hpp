@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <ostream>
+
 #include "closewise/core.hpp"
 
 namespace closewise::test {
@@ -77,6 +79,9 @@ inline std::string describe(const snapshot& s) {
                     " cause=" + std::string{to_string(s.cause)} + " first_fin=" + std::string{to_string(s.first_fin)};
   return out;
 }
+
+// GoogleTest prints snapshots with this (found by argument-dependent lookup).
+inline void PrintTo(const snapshot& s, std::ostream* os) { *os << describe(s); }
 
 inline std::string describe(const event& e) {
   std::string out{to_string(e.what)};

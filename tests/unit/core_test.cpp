@@ -4,6 +4,7 @@
 // user of the machine relies on.
 
 #include "closewise/core.hpp"
+#include "../support/core_invariants.hpp"
 
 #include <gtest/gtest.h>
 
@@ -31,73 +32,10 @@ namespace {
 
 constexpr actions none{};
 
-// Everything a caller can observe, so "a rejected event changes nothing" is
-// one comparison.
-struct snapshot {
-  read_state read{};
-  write_state write{};
-  phase ph{};
-  bool closing = false;
-  bool finished = false;
-  bool draining = false;
-  close_policy policy{};
-  std::uint64_t received = 0;
-  std::uint64_t delivered = 0;
-  std::uint64_t discarded = 0;
-  std::uint64_t sent = 0;
-  std::uint32_t in_flight = 0;
-  bool mid_exchange = false;
-  bool exchange_complete = false;
-  side first_fin{};
-  close_cause cause{};
-  drain_end drain{};
-  reset_refusal refusal{};
-  bool rst_sent = false;
-  bool rst_received = false;
-  side time_wait{};
-
-  friend bool operator==(const snapshot&, const snapshot&) = default;
-};
-
-snapshot observe(const connection_state& s) {
-  return {s.read(),
-          s.write(),
-          s.current_phase(),
-          s.closing(),
-          s.finished(),
-          s.draining(),
-          s.policy(),
-          s.bytes_received(),
-          s.bytes_delivered(),
-          s.bytes_discarded(),
-          s.bytes_sent(),
-          s.writes_in_flight(),
-          s.mid_exchange(),
-          s.exchange_complete(),
-          s.first_fin(),
-          s.cause(),
-          s.how_drain_ended(),
-          s.refusal(),
-          s.rst_sent(),
-          s.rst_received(),
-          s.time_wait_holder()};
-}
-
-std::string describe(const snapshot& s) {
-  std::string out;
-  out += "read=" + std::string{to_string(s.read)};
-  out += " write=" + std::string{to_string(s.write)};
-  out += " phase=" + std::string{to_string(s.ph)};
-  out += " closing=" + std::to_string(s.closing) + " finished=" + std::to_string(s.finished);
-  out += " draining=" + std::to_string(s.draining) + " policy=" + std::string{to_string(s.policy)};
-  out += " in=" + std::to_string(s.delivered) + " discarded=" + std::to_string(s.discarded);
-  out += " out=" + std::to_string(s.sent) + " in_flight=" + std::to_string(s.in_flight);
-  out += " cause=" + std::string{to_string(s.cause)} + " drain=" + std::string{to_string(s.drain)};
-  out += " refusal=" + std::string{to_string(s.refusal)} + " first_fin=" + std::string{to_string(s.first_fin)};
-  return out;
-}
-
-void PrintTo(const snapshot& s, std::ostream* os) { *os << describe(s); }
+// snapshot / observe (tests/support/core_invariants.hpp): everything a caller can
+// observe, so "a rejected event changes nothing" is one comparison.
+using closewise::test::observe;
+using closewise::test::snapshot;
 
 // Feeds one event that the test expects to be accepted and returns its actions.
 actions feed(connection_state& s, const event& e) {
