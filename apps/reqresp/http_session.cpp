@@ -29,8 +29,12 @@ namespace {
 
 namespace beast = boost::beast;
 constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
-// What one read asks for while waiting for a new request.
-constexpr std::size_t idle_read_bytes = 16 * 1024;
+// What the first read of a request asks for at least: the usual request in
+// one read, while a larger one grows the buffer as its bytes arrive (Beast
+// reads at least 512 bytes more, doubling). A connection that sent half a
+// request holds about this much, not the 16 KiB a fixed read size would
+// allocate before the first byte.
+constexpr std::size_t idle_read_bytes = 1024;
 // Room in the connection's buffer beyond the header limit: Beast reads up to
 // 64 KiB at a time, and a chunk-size line longer than this is refused (400)
 // instead of growing the buffer without bound.
@@ -73,45 +77,69 @@ struct pattern_body {
   };
 };
 
-// The whole-request deadline. One per request, started at its first byte and
-// never re-armed: the stream's read timeout re-arms on every read, so a
-// client sending a byte every few seconds would keep a request open forever.
-// On expiry it cancels the read in progress through `signal` (bound to every
-// read of the request). Shared with the timer's handler, which may run after
-// the request ended; `active` makes such a late expiry a no-op.
-struct request_deadline {
-  explicit request_deadline(const asio::any_io_executor& ex) : timer(ex) {}
+// The whole-request deadline: from a request's first byte to its last, never
+// moved by bytes arriving (the stream's read timeout re-arms on every read,
+// so a client sending a byte every few seconds would keep a request open
+// forever). On expiry it cancels the read in progress through `signal`
+// (bound to every read of the request).
+//
+// One timer per session, armed lazily: a request that ends in time leaves
+// the timer as it is, and when it fires for a request long over it re-waits
+// for the deadline of the request in progress (deadlines only grow). A
+// kept-alive connection thus costs one timer wait per request_timeout, not
+// an allocation, a wait and a cancellation per request. The state is shared
+// with the timer's handler, which may run after the session ended.
+struct request_clock {
+  using clock = std::chrono::steady_clock;
+  explicit request_clock(const asio::any_io_executor& ex) : timer(ex) {}
   asio::steady_timer timer;
   asio::cancellation_signal signal;
-  bool active = true;
+  clock::time_point deadline = clock::time_point::max();  // of the request in progress; max: none
+  bool armed = false;
   bool expired = false;
 };
 
-class deadline_guard {
- public:
-  deadline_guard(const asio::any_io_executor& ex, std::chrono::milliseconds limit)
-      : d_(std::make_shared<request_deadline>(ex)) {
-    if (limit.count() <= 0) return;
-    d_->timer.expires_after(limit);
-    d_->timer.async_wait([d = d_](const error_code& ec) {
-      if (ec || !d->active) return;
-      d->expired = true;
-      d->signal.emit(asio::cancellation_type::terminal);
-    });
-  }
-  ~deadline_guard() { stop(); }
-  deadline_guard(const deadline_guard&) = delete;
-  deadline_guard& operator=(const deadline_guard&) = delete;
+class request_deadline {
+  using clock = request_clock::clock;
 
-  void stop() noexcept {
-    d_->active = false;
+ public:
+  request_deadline(const asio::any_io_executor& ex, std::chrono::milliseconds limit)
+      : d_(std::make_shared<request_clock>(ex)), limit_(limit) {}
+  ~request_deadline() {
+    d_->deadline = clock::time_point::max();
     d_->timer.cancel();
   }
+  request_deadline(const request_deadline&) = delete;
+  request_deadline& operator=(const request_deadline&) = delete;
+
+  /// A request's first byte is here.
+  void start() {
+    d_->expired = false;
+    if (limit_.count() <= 0) return;
+    d_->deadline = clock::now() + limit_;
+    arm(d_);
+  }
+  /// The request is complete (or refused): its deadline no longer applies.
+  void stop() noexcept { d_->deadline = clock::time_point::max(); }
   bool expired() const noexcept { return d_->expired; }
   auto token() { return asio::bind_cancellation_slot(d_->signal.slot(), use_tuple); }
 
  private:
-  std::shared_ptr<request_deadline> d_;
+  static void arm(const std::shared_ptr<request_clock>& d) {
+    if (d->armed) return;  // it fires at an earlier deadline and re-arms then
+    d->armed = true;
+    d->timer.expires_at(d->deadline);
+    d->timer.async_wait([d](const error_code& ec) {
+      d->armed = false;
+      if (ec || d->deadline == clock::time_point::max()) return;
+      if (clock::now() < d->deadline) return arm(d);
+      d->expired = true;
+      d->signal.emit(asio::cancellation_type::terminal);
+    });
+  }
+
+  std::shared_ptr<request_clock> d_;
+  std::chrono::milliseconds limit_;
 };
 
 // Writes one response. Coroutine helpers below take references: each is
@@ -219,18 +247,21 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
   // Kept across requests: bytes of the next (pipelined) request stay here.
   beast::flat_buffer buffer(o.max_header_bytes + buffer_slack);
   std::optional<request_parser> parser;
+  request_deadline deadline(c.io().get_executor(), o.request_timeout);
   for (;;) {
     if (buffer.size() == 0) {
       // Between requests: the only place a drain may close the connection.
       if (c.draining()) co_return;
-      auto [ec, n] = co_await c.io().async_read_some(buffer.prepare(idle_read_bytes), use_tuple);
+      // The capacity earlier requests grew is reused as it is.
+      const std::size_t room = std::max(idle_read_bytes, buffer.capacity());
+      auto [ec, n] = co_await c.io().async_read_some(buffer.prepare(room), use_tuple);
       buffer.commit(n);
       // FIN, RST, idle timeout, or a drain's close between requests: nothing to answer.
       if (n == 0) co_return;
     }
 
     // The request's first byte is here: its deadline starts now.
-    deadline_guard deadline(c.io().get_executor(), o.request_timeout);
+    deadline.start();
     parser.emplace();
     parser->header_limit(static_cast<std::uint32_t>(std::min<std::size_t>(o.max_header_bytes, UINT32_MAX)));
     parser->body_limit(o.max_body_bytes);
@@ -304,6 +335,7 @@ std::uint16_t peer_port(const std::string& peer) noexcept {
 
 http_server::http_server(server_options so, http_options ho) : svc_(std::make_shared<http_service>(std::move(ho))) {
   if (so.listen.empty() && so.unix_paths.empty()) so.listen = {"127.0.0.1:0"};
+  so.start_on_input = true;  // the client speaks first: no session before its first byte
   srv_ = std::make_unique<server>(std::move(so), make_session_handler(svc_));
   svc_->set_stats(&srv_->stats());
   srv_->on_close([this](const connection& c, const close_report& r) {

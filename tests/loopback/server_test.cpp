@@ -438,6 +438,115 @@ TEST(server, drain_waits_for_an_exchange_marked_open_after_an_interim_answer) {
   EXPECT_EQ(s.get().stats().snapshot().drain_forced, 0u);
 }
 
+// ---- start_on_input: no session before the first byte ----
+
+std::atomic<int> sessions_started{0};
+
+asio::awaitable<void> counted_echo_session(connection& c) {
+  sessions_started.fetch_add(1);
+  co_await echo_session(c);
+}
+
+server_options on_input_options(unsigned threads) {
+  auto o = local_options(threads);
+  o.start_on_input = true;
+  return o;
+}
+
+// Waits (bounded) until the server accepted `n` connections.
+bool wait_accepted(running_server& s, std::uint64_t n) {
+  for (int i = 0; i < 5000 && s.get().stats().snapshot().accepted < n; ++i) std::this_thread::sleep_for(1ms);
+  return s.get().stats().snapshot().accepted >= n;
+}
+
+TEST(server_start_on_input, a_session_starts_with_the_first_byte_fin_or_reset) {
+  sessions_started = 0;
+  running_server s(on_input_options(2), counted_echo_session);
+  std::vector<raw_peer> silent;
+  for (int i = 0; i < 40; ++i) silent.push_back(connect_to(s.port()));
+  ASSERT_TRUE(wait_accepted(s, 40));
+  // Accepted (on both threads) and waiting: no session, no stream yet.
+  EXPECT_EQ(sessions_started.load(), 0);
+  EXPECT_EQ(s.get().stats().snapshot().open, 40u);
+  for (auto& p : silent) EXPECT_TRUE(echoes(p));
+  EXPECT_EQ(sessions_started.load(), 40);
+
+  // A FIN before any byte starts the session too: it sees EOF at once.
+  auto fin_only = connect_to(s.port());
+  auto reset_only = connect_to(s.port());
+  ASSERT_TRUE(wait_accepted(s, 42));
+  fin_only.shutdown_write();
+  EXPECT_TRUE(fin_only.drain().eof);
+  reset_only.reset();
+  for (auto& p : silent) p.close();
+  fin_only.close();
+  ASSERT_TRUE(s.wait_closed(42));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(sessions_started.load(), 42);
+  EXPECT_EQ(snap.open, 0u);
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_idle)], 1u);
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_fin_then_ours)], 41u);
+  expect_no_half_closed_leftovers(s.port());
+}
+
+TEST(server_start_on_input, the_idle_timeout_closes_a_silent_peer_as_a_first_read_would) {
+  sessions_started = 0;
+  auto o = on_input_options(1);
+  o.stream.idle_timeout = 200ms;
+  running_server s(o, counted_echo_session);
+  auto early = connect_to(s.port());
+  ASSERT_TRUE(wait_accepted(s, 1));
+  std::this_thread::sleep_for(100ms);  // client behaviour: the second one arrives later, so expires later
+  auto late = connect_to(s.port());
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(early.drain().eof);  // the server's FIN at the idle timeout
+  EXPECT_TRUE(late.drain().eof);
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(took, 150ms);  // the later one had its own 200 ms
+  EXPECT_LT(took, 3s);
+  early.close();
+  late.close();
+  ASSERT_TRUE(s.wait_closed(2));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(sessions_started.load(), 0);
+  EXPECT_EQ(snap.timeouts[static_cast<std::size_t>(timeout_kind::idle)], 2u);
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::ours_then_peer_fin)], 2u);
+  for (const auto& r : s.reports()) {
+    EXPECT_EQ(r.report.timeout, timeout_kind::idle);
+    EXPECT_EQ(r.report.first_fin, side::local);
+  }
+  expect_no_half_closed_leftovers(s.port());
+}
+
+TEST(server_start_on_input, a_drain_closes_silent_peers_gracefully_as_server_drain) {
+  const auto fds = open_fd_count();
+  {
+    sessions_started = 0;
+    auto o = on_input_options(2);
+    o.drain_timeout = 5s;
+    running_server s(o, counted_echo_session);
+    std::vector<raw_peer> silent;
+    for (int i = 0; i < 10; ++i) silent.push_back(connect_to(s.port()));
+    auto active = connect_to(s.port());
+    ASSERT_TRUE(echoes(active));
+    ASSERT_TRUE(wait_accepted(s, 11));
+    s.get().drain();
+    for (auto& p : silent) EXPECT_TRUE(p.drain().eof);
+    for (auto& p : silent) p.close();
+    // The active one is idle between exchanges too: closed gracefully as well.
+    EXPECT_TRUE(active.drain().eof);
+    active.close();
+    EXPECT_TRUE(s.wait_run_returned(3s));
+    const auto snap = s.get().stats().snapshot();
+    EXPECT_EQ(sessions_started.load(), 1);
+    EXPECT_EQ(snap.drain_closed, 11u);
+    EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::server_drain)], 11u);
+    EXPECT_EQ(snap.drain_forced, 0u);
+    EXPECT_EQ(snap.open, 0u);
+  }
+  EXPECT_EQ(open_fd_count(), fds);
+}
+
 // ---- races: 4 I/O threads, peers doing everything at once ----
 
 TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {

@@ -79,6 +79,16 @@ struct server_options {
   /// still queued on a listener that closes are reset by Linux unless
   /// net.ipv4.tcp_migrate_req=1 moves them to a sibling listener.
   bool reuse_port = false;
+  /// Starts a connection's session only once input arrives (its first byte,
+  /// or the peer's FIN or RST). Until then an accepted connection costs a
+  /// socket and one wait: no session frame, no stream state, no buffer, so
+  /// thousands of connections that opened and sent nothing cost kilobytes,
+  /// not megabytes. The idle timeout bounds the wait; a connection that
+  /// reaches it is closed with `policy` and reported like a session whose
+  /// first read timed out (`timeout = idle`); a drain closes it gracefully
+  /// as `server_drain`. For protocols where the client speaks first (HTTP);
+  /// a server that greets its clients must leave it off.
+  bool start_on_input = false;
 };
 
 class server;

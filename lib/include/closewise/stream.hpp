@@ -389,6 +389,11 @@ class basic_stream {
   /// New input clears the mark.
   void mark_exchange_complete() { impl_->feed(event::complete()); }
 
+  /// Records that the connection ends because of a timeout its owner enforced
+  /// outside the stream (a server's wait for the first byte): the close
+  /// report carries it as it would one of the stream's own timeouts.
+  void note_timeout(timeout_kind k) noexcept { impl_->timed_out = k; }
+
   /// The close report, once the connection finished (by async_close, by the
   /// peer's reset, or by both FINs crossing).
   const std::optional<close_report>& report() const noexcept { return impl_->report; }
