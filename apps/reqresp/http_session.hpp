@@ -30,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -77,6 +78,17 @@ class http_service {
 /// close, a request is refused, or the server drains. Returns; the server
 /// then closes the connection with `c.policy()`.
 asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> svc);
+
+/// True once `waiting` holds a whole request header (the empty line that ends it).
+bool header_complete(std::string_view waiting) noexcept;
+
+/// Sets what the session expects of the server: sessions start only once a
+/// request header is complete (start_on_input, input_ready), so connections
+/// that sent nothing or half a header cost a parked socket, and their
+/// request deadline counts from their first byte all the same. Without a
+/// request timeout the first byte starts the session (nothing would bound
+/// the wait for the rest of the header but the idle timeout).
+void configure_server(server_options& so, const http_options& ho);
 
 /// The session handler for closewise::server.
 session_handler make_session_handler(std::shared_ptr<http_service> svc);

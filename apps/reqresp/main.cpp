@@ -59,9 +59,8 @@ int main(int argc, char** argv) {
     std::cerr << name << ": error: " << e.what() << " (see " << name << " --help)\n";
     return app::exit_usage;
   }
-  // HTTP clients speak first: a connection costs no session until its first byte.
-  options.start_on_input = true;
   http.request_timeout = app::seconds(request_timeout_s);
+  rr::configure_server(options, http);
   app::setup_logging(log_level);
 
   auto service = std::make_shared<rr::http_service>(http);

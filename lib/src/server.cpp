@@ -1,5 +1,6 @@
 #include "closewise/server.hpp"
 
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -79,18 +80,23 @@ peer_address to_peer_address(const asio::generic::stream_protocol::endpoint& e) 
   return p;
 }
 
-// Why a connection's session starts: input arrived (or it was never parked),
-// or it leaves the wait for its first byte without ever having sent one.
-enum class session_start : std::uint8_t { serve, idle_timeout, drain };
+// Why a connection's session starts: its input is ready (or it was never
+// parked); its input waited too long to become ready (serve it anyway); or
+// it leaves the wait without ever having sent a byte.
+enum class session_start : std::uint8_t { serve, ready_timeout, idle_timeout, drain };
 
-// An accepted connection waiting for its first byte (server_options::start_on_input).
+// An accepted connection waiting for its input (server_options::start_on_input).
 struct parked_connection {
   parked_connection(socket s, peer_address p, clock::time_point d) : sock(std::move(s)), peer(p), deadline(d) {}
   socket sock;
   peer_address peer;
-  clock::time_point deadline;
+  clock::time_point deadline;     // idle deadline while silent, ready deadline once input came
+  clock::time_point input_since;  // its first byte, as the peeks saw it; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
+  bool has_input = false;                      // in worker::partial, not worker::parked
+  std::size_t input_bytes = 0;                 // waiting at the last peek (SO_RCVLOWAT is one more)
 };
+using parked_list = std::list<parked_connection>;
 
 }  // namespace
 
@@ -101,21 +107,32 @@ struct worker {
   // destroyed before it: parked sockets deregister from a live reactor.
   std::list<connection_impl*> connections;
   asio::steady_timer drain_tick{ioc};
-  // In order of arrival, and so of deadline: every wait has the same idle
-  // timeout, and one timer serves them all.
-  std::list<parked_connection> parked;
+  // Silent connections in order of arrival, and so of idle deadline; those
+  // with input that is not ready yet in order of their first byte, and so of
+  // ready deadline. One timer serves both lists.
+  parked_list parked;
+  parked_list partial;
   asio::steady_timer park_timer{ioc};
-  bool park_timer_armed = false;
+  clock::time_point park_timer_at = clock::time_point::max();  // max: not armed
+  std::unique_ptr<char[]> peek_buffer;                          // server_options::peek_bytes, shared by all
 };
 
 struct connection_impl {
-  connection_impl(stream s, peer_address p, server::impl* srv, worker* w, close_policy policy)
-      : io(std::move(s)), peer_addr(p), owner(srv), home(w), policy(policy), queue_signal(io.get_executor()) {
+  connection_impl(stream s, peer_address p, clock::time_point since, server::impl* srv, worker* w,
+                  close_policy policy)
+      : io(std::move(s)),
+        peer_addr(p),
+        input_since(since),
+        owner(srv),
+        home(w),
+        policy(policy),
+        queue_signal(io.get_executor()) {
     arm_forever(queue_signal);
   }
 
   stream io;
   peer_address peer_addr;
+  clock::time_point input_since;
   std::string peer;  // formatted from peer_addr on first use
   server::impl* owner;
   worker* home;
@@ -208,14 +225,18 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
     }
     // Connections still waiting for their first byte are idle: they leave
     // the wait (unpark) and close gracefully as server_drain.
-    for (parked_connection& p : w.parked) {
-      if (p.start != session_start::serve) continue;
-      p.start = session_start::drain;
-      error_code ignored;
-      p.sock.cancel(ignored);
+    // Those with input are mid-request: their sessions start and finish it.
+    for (parked_list* list : {&w.parked, &w.partial}) {
+      for (parked_connection& p : *list) {
+        if (p.start != session_start::serve) continue;
+        p.start = p.has_input ? session_start::ready_timeout : session_start::drain;
+        error_code ignored;
+        p.sock.cancel(ignored);
+      }
     }
+    w.park_timer_at = clock::time_point::max();
     w.park_timer.cancel();  // nothing parks any more; a pending wait would keep run() going
-    if (w.connections.empty() && w.parked.empty()) return;
+    if (w.connections.empty() && w.parked.empty() && w.partial.empty()) return;
     w.drain_tick.expires_after(std::chrono::milliseconds(20));
     w.drain_tick.async_wait([self = shared_from_this(), &w, deadline](const error_code& ec) {
       if (!ec) self->drain_pass(w, deadline);
@@ -233,6 +254,7 @@ const std::string& connection::peer() const noexcept {
   return c.peer;
 }
 std::uint64_t connection::id() const noexcept { return impl_->io.id(); }
+std::chrono::steady_clock::time_point connection::input_since() const noexcept { return impl_->input_since; }
 bool connection::draining() const noexcept { return impl_->owner->draining.load(std::memory_order_relaxed); }
 void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
 close_policy connection::policy() const noexcept { return impl_->policy; }
@@ -324,11 +346,11 @@ asio::awaitable<close_report> connection::close(close_policy p) {
 namespace {
 
 asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, socket s, peer_address peer,
-                                  session_start start) {
+                                  session_start start, clock::time_point input_since) {
   stream io(std::move(s), srv->opts.stream);
-  auto c = std::make_shared<connection_impl>(std::move(io), peer, srv.get(), w, srv->opts.policy);
+  auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
   c->registration = w->connections.insert(w->connections.end(), c.get());
-  if (start == session_start::serve) {
+  if (start == session_start::serve || start == session_start::ready_timeout) {
     connection conn(c);
     try {
       co_await srv->session(conn);
@@ -359,20 +381,83 @@ asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, 
 }
 
 void arm_park_timer(const std::shared_ptr<server::impl>& srv, worker& w);
+void wait_for_input(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it);
 
-// A parked connection's wait ended: input arrived, or the idle timeout or a
-// drain cancelled it. Either way it becomes a session (which, for the
-// latter two, only closes it).
-void unpark(const std::shared_ptr<server::impl>& srv, worker& w, std::list<parked_connection>::iterator it) {
+// A parked connection leaves its wait: its input is ready, or a timeout or a
+// drain cancelled the wait. It becomes a session (which, for a connection
+// that never sent a byte, only closes it).
+void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it) {
   socket s = std::move(it->sock);
   const peer_address peer = it->peer;
   const session_start start = it->start;
-  w.parked.erase(it);
-  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start), asio::detached);
+  const clock::time_point since = it->has_input ? it->input_since : clock::now();
+  if (it->input_bytes > 0) {
+    // The session's reads must wake for every byte again.
+    const int one = 1;
+    ::setsockopt(static_cast<int>(s.native_handle()), SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
+  }
+  (it->has_input ? w.partial : w.parked).erase(it);
+  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since), asio::detached);
 }
 
-// Runs on the connection's worker. Input, FIN and RST all make the socket
-// readable; an error of the wait itself is left to the session's first read.
+// How many bytes wait in the kernel while not enough for the session to
+// start (server_options::input_ready), or nothing once they are (or once a
+// FIN, a RST, an error or a full window is the session's to meet). Peeked,
+// not read: until the session starts they cost the process nothing.
+std::optional<std::size_t> incomplete_input(const server::impl& srv, worker& w, parked_connection& p) {
+  const auto& o = srv.opts;
+  // Unix sockets ignore SO_RCVLOWAT in poll: their first byte starts the session.
+  if (!o.input_ready || !p.peer.is_tcp) return std::nullopt;
+  if (!w.peek_buffer) w.peek_buffer = std::make_unique_for_overwrite<char[]>(o.peek_bytes);
+  const int fd = static_cast<int>(p.sock.native_handle());
+  const ssize_t n = ::recv(fd, w.peek_buffer.get(), o.peek_bytes, MSG_PEEK | MSG_DONTWAIT);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return p.input_bytes;  // nothing new
+  if (n <= 0 || static_cast<std::size_t>(n) >= o.peek_bytes) return std::nullopt;
+  // Readable with no byte more than SO_RCVLOWAT asked for: a FIN (or a RST)
+  // behind the bytes. The session meets it.
+  if (static_cast<std::size_t>(n) == p.input_bytes) return std::nullopt;
+  if (o.input_ready(std::string_view(w.peek_buffer.get(), static_cast<std::size_t>(n)))) return std::nullopt;
+  return static_cast<std::size_t>(n);
+}
+
+// The wait of a parked connection ended. Input, FIN and RST all make a
+// socket readable; an error of the wait itself is left to the session.
+// Returns whether it is still parked.
+bool on_readable(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it) {
+  const auto waiting = it->start == session_start::serve ? incomplete_input(*srv, w, *it) : std::nullopt;
+  if (!waiting) {
+    unpark(srv, w, it);
+    return false;
+  }
+  if (*waiting != it->input_bytes) {
+    // The bytes stay queued, so the socket stays readable: a new wait would
+    // complete at once, for ever. Readable now means "more than these".
+    // (Linux's tcp_poll honours SO_RCVLOWAT; a FIN or RST still wakes it.)
+    it->input_bytes = *waiting;
+    const int lowat = static_cast<int>(*waiting + 1);
+    ::setsockopt(static_cast<int>(it->sock.native_handle()), SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat));
+  }
+  if (!it->has_input && it->input_bytes > 0) {
+    // Its first byte: from now on the ready timeout bounds the wait.
+    const auto now = clock::now();
+    it->has_input = true;
+    it->input_since = now;
+    auto limit = srv->opts.ready_timeout;
+    if (limit.count() <= 0) limit = srv->opts.stream.idle_timeout;  // one limit for the whole list: it stays in order
+    it->deadline = limit.count() > 0 ? now + limit : clock::time_point::max();
+    w.partial.splice(w.partial.end(), w.parked, it);
+    if (it->deadline < w.park_timer_at) arm_park_timer(srv, w);
+  }
+  wait_for_input(srv, w, it);
+  return true;
+}
+
+void wait_for_input(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it) {
+  it->sock.async_wait(asio::socket_base::wait_read,
+                      [srv, w = &w, it](const error_code&) { static_cast<void>(on_readable(srv, *w, it)); });
+}
+
+// Runs on the connection's worker.
 void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_address peer) {
   const auto idle = srv->opts.stream.idle_timeout;
   const auto deadline = idle.count() > 0 ? clock::now() + idle : clock::time_point::max();
@@ -383,29 +468,49 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
     it->start = session_start::drain;
     return unpark(srv, w, it);
   }
-  it->sock.async_wait(asio::socket_base::wait_read,
-                      [srv, w = &w, it](const error_code&) { unpark(srv, *w, it); });
-  if (deadline != clock::time_point::max() && !w.park_timer_armed) arm_park_timer(srv, w);
+  if (srv->opts.input_ready && peer.is_tcp) {
+    // A client that sent its request with the handshake has it waiting
+    // already: no wait, no wake-up, the session starts now.
+    if (!on_readable(srv, w, it) || it->has_input) return;
+  } else {
+    wait_for_input(srv, w, it);
+  }
+  if (deadline < w.park_timer_at) arm_park_timer(srv, w);
 }
 
-// One timer for the worker's whole wait list: deadlines are in list order.
+// The earliest deadline still waiting in a list (each list is in deadline order).
+clock::time_point first_deadline(const parked_list& list) {
+  for (const parked_connection& p : list) {
+    if (p.start == session_start::serve) return p.deadline;
+  }
+  return clock::time_point::max();
+}
+
+// Cancels the waits of a list whose deadline passed, marking why.
+void expire(parked_list& list, clock::time_point now, session_start why) {
+  for (parked_connection& p : list) {
+    if (p.start != session_start::serve) continue;  // leaving already
+    if (p.deadline > now) break;
+    p.start = why;
+    error_code ignored;
+    p.sock.cancel(ignored);
+  }
+}
+
 void arm_park_timer(const std::shared_ptr<server::impl>& srv, worker& w) {
-  const auto first = std::find_if(w.parked.begin(), w.parked.end(),
-                                  [](const parked_connection& p) { return p.start == session_start::serve; });
-  if (first == w.parked.end() || first->deadline == clock::time_point::max()) return;
-  w.park_timer_armed = true;
-  w.park_timer.expires_at(first->deadline);
-  w.park_timer.async_wait([srv, w = &w](const error_code& ec) {
-    w->park_timer_armed = false;
-    if (ec) return;
+  const auto at = std::min(first_deadline(w.parked), first_deadline(w.partial));
+  w.park_timer_at = at;
+  if (at == clock::time_point::max()) {
+    w.park_timer.cancel();
+    return;
+  }
+  w.park_timer.expires_at(at);
+  w.park_timer.async_wait([srv, w = &w, at](const error_code& ec) {
+    if (ec || w->park_timer_at != at) return;  // cancelled, or re-armed for an earlier deadline
+    w->park_timer_at = clock::time_point::max();
     const auto now = clock::now();
-    for (parked_connection& p : w->parked) {
-      if (p.start != session_start::serve) continue;  // leaving already
-      if (p.deadline > now) break;
-      p.start = session_start::idle_timeout;
-      error_code ignored;
-      p.sock.cancel(ignored);
-    }
+    expire(w->parked, now, session_start::idle_timeout);
+    expire(w->partial, now, session_start::ready_timeout);
     arm_park_timer(srv, *w);
   });
 }
@@ -454,7 +559,8 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
     const peer_address peer = to_peer_address(from);
     srv->counters.accepted();
     if (!o.start_on_input) {
-      asio::co_spawn(target.ioc, run_session(srv, &target, std::move(s), peer, session_start::serve), asio::detached);
+      asio::co_spawn(target.ioc, run_session(srv, &target, std::move(s), peer, session_start::serve, clock::now()),
+                     asio::detached);
     } else if (&target == &home) {
       park(srv, target, std::move(s), peer);
     } else {

@@ -547,6 +547,86 @@ TEST(server_start_on_input, a_drain_closes_silent_peers_gracefully_as_server_dra
   EXPECT_EQ(open_fd_count(), fds);
 }
 
+bool has_newline(std::string_view waiting) { return waiting.find('\n') != std::string_view::npos; }
+
+// Whether a byte arrives within `limit` (a bounded negative check).
+bool readable_within(raw_peer& p, std::chrono::milliseconds limit) {
+  pollfd pfd{p.fd(), POLLIN, 0};
+  return ::poll(&pfd, 1, static_cast<int>(limit.count())) > 0;
+}
+
+TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it_is) {
+  sessions_started = 0;
+  auto o = on_input_options(2);
+  o.input_ready = has_newline;
+  running_server s(o, counted_echo_session);
+  auto p = connect_to(s.port());
+  ASSERT_EQ(p.send(std::string("abc")), 3);
+  // An echo session that had started would answer at once.
+  EXPECT_FALSE(readable_within(p, 200ms));
+  EXPECT_EQ(sessions_started.load(), 0);
+  ASSERT_EQ(p.send(std::string("\n")), 1);
+  std::string got(4, '\0');
+  for (std::size_t have = 0; have < got.size();) {
+    ASSERT_TRUE(readable_within(p, 2s));
+    const long r = p.recv_some(got.data() + have, got.size() - have);
+    ASSERT_GT(r, 0);
+    have += static_cast<std::size_t>(r);
+  }
+  EXPECT_EQ(got, "abc\n");  // nothing was consumed by the peeks
+  EXPECT_EQ(sessions_started.load(), 1);
+  p.shutdown_write();
+  EXPECT_TRUE(p.drain().eof);
+}
+
+std::atomic<long long> waited_before_session_ms{-1};
+
+asio::awaitable<void> timing_echo_session(connection& c) {
+  waited_before_session_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                 std::chrono::steady_clock::now() - c.input_since())
+                                 .count();
+  co_await echo_session(c);
+}
+
+TEST(server_start_on_input, input_never_ready_starts_its_session_at_the_ready_timeout) {
+  waited_before_session_ms = -1;
+  auto o = on_input_options(1);
+  o.input_ready = has_newline;
+  o.ready_timeout = 200ms;
+  running_server s(o, timing_echo_session);
+  auto p = connect_to(s.port());
+  const auto sent = std::chrono::steady_clock::now();
+  ASSERT_EQ(p.send(std::string("abc")), 3);
+  ASSERT_TRUE(readable_within(p, 3s));  // the echo, once the session started
+  EXPECT_GE(std::chrono::steady_clock::now() - sent, 150ms);
+  // The session learns when its input began, not just when it started.
+  EXPECT_GE(waited_before_session_ms.load(), 150);
+  p.shutdown_write();
+  EXPECT_TRUE(p.drain().eof);
+}
+
+TEST(server_start_on_input, a_drain_serves_input_that_was_not_ready_and_closes_silent_peers) {
+  sessions_started = 0;
+  auto o = on_input_options(1);
+  o.input_ready = has_newline;
+  running_server s(o, counted_echo_session);
+  auto partial = connect_to(s.port());
+  auto silent = connect_to(s.port());
+  ASSERT_EQ(partial.send(std::string("abc")), 3);
+  ASSERT_TRUE(wait_accepted(s, 2));
+  EXPECT_FALSE(readable_within(partial, 100ms));
+  s.get().drain();
+  std::string got;
+  EXPECT_TRUE(partial.drain(&got).eof);
+  EXPECT_EQ(got, "abc");  // mid-request: served, then closed between exchanges
+  EXPECT_TRUE(silent.drain().eof);
+  partial.close();
+  silent.close();
+  EXPECT_TRUE(s.wait_run_returned(3s));
+  EXPECT_EQ(sessions_started.load(), 1);
+  EXPECT_EQ(s.get().stats().snapshot().drain_closed, 2u);
+}
+
 // ---- races: 4 I/O threads, peers doing everything at once ----
 
 TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <boost/asio/awaitable.hpp>
@@ -89,6 +90,21 @@ struct server_options {
   /// as `server_drain`. For protocols where the client speaks first (HTTP);
   /// a server that greets its clients must leave it off.
   bool start_on_input = false;
+  /// With start_on_input: whether the bytes waiting in the kernel are enough
+  /// for the session to start (for HTTP: a whole request header). They are
+  /// peeked (MSG_PEEK into one buffer per I/O thread), not read, so a
+  /// connection whose input is incomplete still costs no session, stream
+  /// or buffer: a slow sender holds kernel memory only. A FIN, a RST, an
+  /// error or `peek_bytes` waiting start the session whatever this says.
+  /// Empty: the first byte starts it. Called on the connection's I/O thread.
+  std::function<bool(std::string_view waiting)> input_ready;
+  /// The most bytes peeked for `input_ready`; as many waiting start the session.
+  std::size_t peek_bytes = 16 * 1024;
+  /// How long input may wait without `input_ready` saying yes, from its first
+  /// byte; then the session starts anyway and applies its own limits
+  /// (`connection::input_since` tells it when the input began). 0: the idle
+  /// timeout, counted from the first byte.
+  std::chrono::milliseconds ready_timeout{10000};
 };
 
 class server;
@@ -106,6 +122,11 @@ class connection {
   const std::string& peer() const noexcept;
   /// The number in this connection's log lines ("[conn N]").
   std::uint64_t id() const noexcept;
+  /// When this connection's input began: its first byte as the server saw it
+  /// while waiting for input to be ready (server_options::input_ready), or
+  /// else when the session started. A per-request deadline that must count
+  /// from the first byte starts here for the first request.
+  std::chrono::steady_clock::time_point input_since() const noexcept;
 
   /// True once the server drains: finish the exchange in progress (HTTP:
   /// answer with Connection: close) and return.
