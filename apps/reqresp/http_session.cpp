@@ -1,8 +1,13 @@
 #include "reqresp/http_session.hpp"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
+#include <iterator>
+#include <string>
+#include <string_view>
 #include <system_error>
+#include <tuple>
 #include <utility>
 
 #include <boost/asio/as_tuple.hpp>
@@ -12,12 +17,11 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/http/empty_body.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/read.hpp>
+#include <boost/beast/http/status.hpp>
 #include <boost/beast/http/string_body.hpp>
-#include <boost/beast/http/write.hpp>
-#include <boost/optional/optional.hpp>
 
 #include "closewise/log.hpp"
 #include "closewise/version.hpp"
@@ -48,47 +52,20 @@ const std::string& server_header() {
   return name;
 }
 
-// GET /bytes/N's body: N bytes of the pattern, served straight from an
-// immutable table (no allocation per response, any N up to --max-bytes).
-struct pattern_body {
-  struct value_type {
-    std::uint64_t size = 0;
-  };
-  static std::uint64_t size(const value_type& v) noexcept { return v.size; }
-
-  class writer {
-   public:
-    using const_buffers_type = asio::const_buffer;
-    template <bool is_request, class Fields>
-    writer(const http::header<is_request, Fields>&, const value_type& v) : size_(v.size) {}
-    void init(error_code& ec) { ec = {}; }
-    boost::optional<std::pair<const_buffers_type, bool>> get(error_code& ec) {
-      ec = {};
-      if (offset_ >= size_) return boost::none;
-      const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(pattern_span, size_ - offset_));
-      const asio::const_buffer b(pattern_at(offset_), n);
-      offset_ += n;
-      return std::make_pair(b, offset_ < size_);
-    }
-
-   private:
-    std::uint64_t size_ = 0;
-    std::uint64_t offset_ = 0;
-  };
-};
-
 // The whole-request deadline: from a request's first byte to its last, never
 // moved by bytes arriving (the stream's read timeout re-arms on every read,
 // so a client sending a byte every few seconds would keep a request open
 // forever). On expiry it cancels the read in progress through `signal`
 // (bound to every read of the request).
 //
-// One timer per session, armed lazily: a request that ends in time leaves
-// the timer as it is, and when it fires for a request long over it re-waits
-// for the deadline of the request in progress (deadlines only grow). A
-// kept-alive connection thus costs one timer wait per request_timeout, not
-// an allocation, a wait and a cancellation per request. The state is shared
-// with the timer's handler, which may run after the session ended.
+// One timer per session, armed lazily: only when a request must wait for
+// more bytes (most arrive whole and are parsed from the buffer: no timer at
+// all), and a request that ends in time leaves it as it is; when it fires
+// for a request long over it re-waits for the deadline of the request in
+// progress (deadlines only grow). A kept-alive connection costs at most one
+// timer wait per request_timeout, not an allocation, a wait and a
+// cancellation per request. The state is shared with the timer's handler,
+// which may run after the session ended.
 struct request_clock {
   using clock = std::chrono::steady_clock;
   explicit request_clock(const asio::any_io_executor& ex) : timer(ex) {}
@@ -115,14 +92,16 @@ class request_deadline {
   /// A request's first byte arrived at `since`.
   void start(clock::time_point since) {
     d_->expired = false;
-    if (limit_.count() <= 0) return;
-    d_->deadline = since + limit_;
-    arm(d_);
+    if (limit_.count() > 0) d_->deadline = since + limit_;
   }
   /// The request is complete (or refused): its deadline no longer applies.
   void stop() noexcept { d_->deadline = clock::time_point::max(); }
   bool expired() const noexcept { return d_->expired; }
-  auto token() { return asio::bind_cancellation_slot(d_->signal.slot(), use_tuple); }
+  /// The completion token of a read of the request: the deadline now runs.
+  auto token() {
+    if (d_->deadline != clock::time_point::max()) arm(d_);
+    return asio::bind_cancellation_slot(d_->signal.slot(), use_tuple);
+  }
 
  private:
   static void arm(const std::shared_ptr<request_clock>& d) {
@@ -142,43 +121,98 @@ class request_deadline {
   std::chrono::milliseconds limit_;
 };
 
-// Writes one response. Coroutine helpers below take references: each is
-// awaited at once by the session, whose frame owns the referenced objects.
-template <class Body>
-asio::awaitable<error_code> write_response(stream& io, http::response<Body>& res, bool head) {
-  if (head) {
-    // The header of the GET response, Content-Length included, and no body.
-    http::response<http::empty_body> header_only{std::move(res.base())};
-    auto [ec, n] = co_await http::async_write(io, header_only, use_tuple);
-    co_return ec;
+// What a response says before its body, written by hand into the session's
+// one reusable buffer: Beast's serializer walks a sequence of a dozen buffers
+// on every write and allocates each field, which together cost a kept-alive
+// request more than everything else the server does for it. Every response
+// here has a Content-Length, so nothing of Beast's chunked machinery is lost.
+struct response_head {
+  http::status status = http::status::ok;
+  unsigned version = 11;
+  std::string_view type = "text/plain; charset=utf-8";
+  std::uint64_t length = 0;
+  bool keep_alive = true;
+  std::string_view allow;  // 405
+};
+
+void append_number(std::string& out, std::uint64_t v) {
+  char digits[24];
+  const auto [end, ec] = std::to_chars(std::begin(digits), std::end(digits), v);
+  out.append(digits, end);
+}
+
+void format_head(std::string& out, const response_head& h) {
+  out.clear();
+  out += h.version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  append_number(out, static_cast<unsigned>(h.status));
+  out += ' ';
+  const auto reason = http::obsolete_reason(h.status);
+  out.append(reason.data(), reason.size());
+  out += "\r\nServer: ";
+  out += server_header();
+  out += "\r\nContent-Type: ";
+  out += h.type;
+  out += "\r\nContent-Length: ";
+  append_number(out, h.length);
+  if (!h.allow.empty()) {
+    out += "\r\nAllow: ";
+    out += h.allow;
   }
-  auto [ec, n] = co_await http::async_write(io, res, use_tuple);
+  // As beast's keep_alive(): 1.1 says when it closes, 1.0 when it stays.
+  if (h.version >= 11 && !h.keep_alive) out += "\r\nConnection: close";
+  if (h.version == 10 && h.keep_alive) out += "\r\nConnection: keep-alive";
+  out += "\r\n\r\n";
+}
+
+// Writes a response whose body is in memory (HEAD: the same head, no body).
+// Coroutine helpers take references: each is awaited at once by the session,
+// whose frame owns the referenced objects.
+asio::awaitable<error_code> write_text(stream& io, std::string& head_buffer, response_head h, std::string_view body,
+                                       bool head_only) {
+  h.length = body.size();
+  format_head(head_buffer, h);
+  const std::array<asio::const_buffer, 2> parts{asio::buffer(head_buffer),
+                                                asio::buffer(body.data(), head_only ? 0 : body.size())};
+  auto [ec, n] = co_await asio::async_write(io, parts, use_tuple);
   co_return ec;
 }
 
-http::response<http::string_body> text_response(http::status status, unsigned version, std::string body,
-                                                const char* type = "text/plain; charset=utf-8") {
-  http::response<http::string_body> res{status, version};
-  res.set(http::field::server, server_header());
-  res.set(http::field::content_type, type);
-  res.body() = std::move(body);
-  res.prepare_payload();
-  return res;
+// GET /bytes/N: N bytes of the pattern, straight from its immutable table
+// (no allocation per response, any N up to --max-bytes), the first piece in
+// the same write as the head.
+asio::awaitable<error_code> write_pattern(stream& io, std::string& head_buffer, response_head h, bool head_only) {
+  format_head(head_buffer, h);
+  std::uint64_t offset = head_only ? h.length : 0;
+  auto piece = [&] { return static_cast<std::size_t>(std::min<std::uint64_t>(pattern_span, h.length - offset)); };
+  const std::size_t first = piece();
+  const std::array<asio::const_buffer, 2> parts{asio::buffer(head_buffer), asio::buffer(pattern_at(0), first)};
+  auto [ec, n] = co_await asio::async_write(io, parts, use_tuple);
+  offset += first;
+  while (!ec && offset < h.length) {
+    const std::size_t len = piece();
+    std::tie(ec, n) = co_await asio::async_write(io, asio::buffer(pattern_at(offset), len), use_tuple);
+    offset += len;
+  }
+  co_return ec;
 }
 
 // Answers a refused request and ends the session with a graceful close. A
 // refused HEAD gets the header alone: a body there would be read by the
 // client as the start of the next response (RFC 9110 section 9.3.2).
-asio::awaitable<void> refuse(connection& c, http_service& svc, const rejection& r, bool head) {
+asio::awaitable<void> refuse(connection& c, http_service& svc, std::string& head_buffer, const rejection& r,
+                             bool head) {
   svc.counters().refused.fetch_add(1, std::memory_order_relaxed);
   if (r.status == http::status::request_timeout) svc.counters().timeouts.fetch_add(1, std::memory_order_relaxed);
   closewise::logger()->info("[conn {}] refused: {} {}", c.id(), static_cast<unsigned>(r.status), r.reason);
-  auto res = text_response(r.status, 11, r.reason + "\n");
-  res.keep_alive(false);
   // Whatever --teardown says: a fin_close or abortive close here would let the
   // unread rest of the request turn into a RST that destroys this answer.
   c.set_close_policy(close_policy::graceful);
-  if (!co_await write_response(c.io(), res, head)) svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
+  response_head h;
+  h.status = r.status;
+  h.keep_alive = false;
+  const std::string body = r.reason + "\n";
+  if (!co_await write_text(c.io(), head_buffer, h, body, head))
+    svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
 }
 
 std::string stats_text(const http_service& svc, route which) {
@@ -188,49 +222,45 @@ std::string stats_text(const http_service& svc, route which) {
 
 // Runs the route for an accepted request and writes the response. Returns the
 // write's error.
-asio::awaitable<error_code> serve(connection& c, http_service& svc, request& req, bool keep_alive) {
+asio::awaitable<error_code> serve(connection& c, http_service& svc, std::string& head_buffer, request& req,
+                                  bool keep_alive) {
   const bool head = req.method() == http::verb::head;
   const route_match m = match_route(req.method(), std::string_view(req.target().data(), req.target().size()),
                                     svc.options().max_response_bytes);
+  response_head h;
+  h.version = req.version();
+  h.keep_alive = keep_alive;
   if (!m.which) {
     // 404 / 405 / a bad N: the request was well formed, the connection may live on.
-    auto res = text_response(m.refusal->status, req.version(), m.refusal->reason + "\n");
-    if (!m.allow.empty()) res.set(http::field::allow, m.allow);
-    res.keep_alive(keep_alive);
-    co_return co_await write_response(c.io(), res, head);
+    h.status = m.refusal->status;
+    h.allow = m.allow;
+    const std::string body = m.refusal->reason + "\n";
+    co_return co_await write_text(c.io(), head_buffer, h, body, head);
   }
   svc.counters().routed.fetch_add(1, std::memory_order_relaxed);
   switch (*m.which) {
-    case route::bytes: {
-      http::response<pattern_body> res{http::status::ok, req.version()};
-      res.set(http::field::server, server_header());
-      res.set(http::field::content_type, "application/octet-stream");
-      res.body().size = m.bytes;
-      res.content_length(m.bytes);
-      res.keep_alive(keep_alive);
-      co_return co_await write_response(c.io(), res, head);
-    }
+    case route::bytes:
+      h.type = "application/octet-stream";
+      h.length = m.bytes;
+      co_return co_await write_pattern(c.io(), head_buffer, h, head);
     case route::echo: {
-      auto res = text_response(http::status::ok, req.version(), std::move(req.body()), "application/octet-stream");
-      if (const auto type = req[http::field::content_type]; !type.empty()) res.set(http::field::content_type, type);
-      res.keep_alive(keep_alive);
-      co_return co_await write_response(c.io(), res, false);
+      const auto type = req[http::field::content_type];
+      h.type = type.empty() ? std::string_view("application/octet-stream") : std::string_view(type.data(), type.size());
+      co_return co_await write_text(c.io(), head_buffer, h, req.body(), false);
     }
     case route::stats:
     case route::metrics: {
-      auto res = text_response(http::status::ok, req.version(), stats_text(svc, *m.which),
-                               *m.which == route::stats ? "application/json" : "text/plain; version=0.0.4");
-      res.keep_alive(keep_alive);
-      co_return co_await write_response(c.io(), res, head);
+      h.type = *m.which == route::stats ? "application/json" : "text/plain; version=0.0.4";
+      const std::string body = stats_text(svc, *m.which);
+      co_return co_await write_text(c.io(), head_buffer, h, body, head);
     }
     case route::root:
       break;
   }
-  auto res = text_response(http::status::ok, req.version(),
-                           "closewise-reqresp: TCP teardown done right.\n"
-                           "GET /bytes/N, POST /echo, GET /stats, GET /metrics\n");
-  res.keep_alive(keep_alive);
-  co_return co_await write_response(c.io(), res, head);
+  co_return co_await write_text(c.io(), head_buffer, h,
+                                "closewise-reqresp: TCP teardown done right.\n"
+                                "GET /bytes/N, POST /echo, GET /stats, GET /metrics\n",
+                                head);
 }
 
 std::string_view unparsed(const beast::flat_buffer& b) {
@@ -269,6 +299,7 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
   std::optional<request_parser> parser;
   request_deadline deadline(c.io().get_executor(), o.request_timeout);
   bool first_request = true;
+  std::string head_buffer;  // every response's head, reused
   for (;;) {
     if (buffer.size() == 0) {
       // Between requests: the only place a drain may close the connection.
@@ -312,8 +343,8 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     }
     if (!refusal && answerable && !parser->is_done()) {
       if (wants_continue(*parser)) {
-        http::response<http::empty_body> go_on{http::status::continue_, 11};
-        if (co_await write_response(c.io(), go_on, false)) co_return;
+        static constexpr std::string_view go_on = "HTTP/1.1 100 Continue\r\n\r\n";
+        if (auto [ec, n] = co_await asio::async_write(c.io(), asio::buffer(go_on), use_tuple); ec) co_return;
         c.mark_exchange_open();  // the 100 answered nothing: a drain must wait for the final response
       }
       error_code bec = parse_buffered(*parser, buffer, true);
@@ -330,7 +361,7 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     if (!answerable) co_return;  // the peer ended the stream mid-request or the connection failed
     if (refusal) {
       // The method is known once the request line was parsed (verb::unknown before).
-      co_await refuse(c, *svc, *refusal, parser->get().method() == http::verb::head);
+      co_await refuse(c, *svc, head_buffer, *refusal, parser->get().method() == http::verb::head);
       co_return;  // a graceful close; nothing pipelined behind a refused request runs
     }
 
@@ -342,7 +373,7 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     const bool keep_alive = req.keep_alive() && !c.draining();
     closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
                                std::string_view(req.target()));
-    if (const error_code ec = co_await serve(c, *svc, req, keep_alive)) co_return;
+    if (const error_code ec = co_await serve(c, *svc, head_buffer, req, keep_alive)) co_return;
     svc->counters().responses.fetch_add(1, std::memory_order_relaxed);
     // The requester has everything it asked for, unless a pipelined request
     // already waits in our buffer: then rst_if_safe must not call it complete.
