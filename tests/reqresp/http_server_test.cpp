@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 
+#include <thread>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -427,6 +429,54 @@ TEST(reqresp_server, request_deadline_starts_at_the_first_byte) {
   const auto got = read_responses(p, 1, sink);
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].status, 200);
+}
+
+// Until its header is complete a connection is parked (server_options::
+// input_ready): the bytes wait in the kernel, unread. Whatever way the header
+// is cut, the request is answered once its end arrives; a FIN or a RST
+// behind half a header ends the connection with no answer and one report.
+TEST(reqresp_server, half_a_header_waits_parked_and_is_answered_when_the_rest_arrives) {
+  rr::http_server s(local_options(), {});
+  const std::string request = "GET /bytes/100 HTTP/1.1\r\nHost: x\r\n\r\n";
+  std::vector<raw_peer> peers;
+  for (std::size_t cut = 1; cut < request.size(); cut += 3) {
+    peers.push_back(connect_to(s.port()));
+    ASSERT_EQ(peers.back().send(request.substr(0, cut)), static_cast<long>(cut));
+  }
+  auto fin_after_half = connect_to(s.port());
+  auto rst_after_half = connect_to(s.port());
+  ASSERT_GT(fin_after_half.send(request.substr(0, 20)), 0);
+  ASSERT_GT(rst_after_half.send(request.substr(0, 20)), 0);
+  for (auto& p : peers) {
+    pollfd pfd{p.fd(), POLLIN, 0};
+    EXPECT_EQ(::poll(&pfd, 1, 0), 0) << "answered before the header was complete";
+  }
+  std::size_t cut = 1;
+  for (auto& p : peers) {
+    ASSERT_GT(p.send(request.substr(cut)), 0);
+    std::string sink;
+    const auto got = read_responses(p, 1, sink);
+    ASSERT_EQ(got.size(), 1u) << "cut at " << cut;
+    EXPECT_EQ(got[0].status, 200);
+    EXPECT_EQ(got[0].body, pattern(100));
+    cut += 3;
+  }
+  fin_after_half.shutdown_write();
+  std::string sink;
+  EXPECT_TRUE(fin_after_half.drain(&sink).eof);
+  EXPECT_TRUE(sink.empty());
+  rst_after_half.reset();
+  for (auto& p : peers) p.close();
+  fin_after_half.close();
+  const std::size_t total = peers.size() + 2;
+  for (int i = 0; i < 5000 && s.get().stats().snapshot().closed < total; ++i) std::this_thread::sleep_for(1ms);
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.closed, total);
+  EXPECT_EQ(snap.open, 0u);
+  EXPECT_EQ(s.service().counters().responses.load(), peers.size());
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_mid_exchange)] +
+                snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_idle)],
+            1u);
 }
 
 // ---- drain -----------------------------------------------------------------
