@@ -80,9 +80,9 @@ class request_deadline {
   using clock = request_clock::clock;
 
  public:
-  request_deadline(const asio::any_io_executor& ex, std::chrono::milliseconds limit)
-      : d_(std::make_shared<request_clock>(ex)), limit_(limit) {}
+  request_deadline(asio::any_io_executor ex, std::chrono::milliseconds limit) : ex_(std::move(ex)), limit_(limit) {}
   ~request_deadline() {
+    if (!d_) return;
     d_->deadline = clock::time_point::max();
     d_->timer.cancel();
   }
@@ -91,15 +91,21 @@ class request_deadline {
 
   /// A request's first byte arrived at `since`.
   void start(clock::time_point since) {
-    d_->expired = false;
-    if (limit_.count() > 0) d_->deadline = since + limit_;
+    if (d_) d_->expired = false;
+    if (limit_.count() > 0) deadline_ = since + limit_;
   }
   /// The request is complete (or refused): its deadline no longer applies.
-  void stop() noexcept { d_->deadline = clock::time_point::max(); }
-  bool expired() const noexcept { return d_->expired; }
+  void stop() noexcept {
+    deadline_ = clock::time_point::max();
+    if (d_) d_->deadline = deadline_;
+  }
+  bool expired() const noexcept { return d_ && d_->expired; }
   /// The completion token of a read of the request: the deadline now runs.
+  /// The timer and its state are made by the first request that needs them.
   auto token() {
-    if (d_->deadline != clock::time_point::max()) arm(d_);
+    if (!d_) d_ = std::make_shared<request_clock>(ex_);
+    d_->deadline = deadline_;
+    if (deadline_ != clock::time_point::max()) arm(d_);
     return asio::bind_cancellation_slot(d_->signal.slot(), use_tuple);
   }
 
@@ -117,8 +123,10 @@ class request_deadline {
     });
   }
 
-  std::shared_ptr<request_clock> d_;
+  asio::any_io_executor ex_;
   std::chrono::milliseconds limit_;
+  clock::time_point deadline_ = clock::time_point::max();  // of the request in progress; max: none
+  std::shared_ptr<request_clock> d_;
 };
 
 // What a response says before its body, written by hand into the session's
