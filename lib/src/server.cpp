@@ -397,6 +397,7 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
     ::setsockopt(static_cast<int>(s.native_handle()), SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
   }
   (it->has_input ? w.partial : w.parked).erase(it);
+  srv->counters.unparked();
   asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since), asio::detached);
 }
 
@@ -407,7 +408,7 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
 std::optional<std::size_t> incomplete_input(const server::impl& srv, worker& w, parked_connection& p) {
   const auto& o = srv.opts;
   // Unix sockets ignore SO_RCVLOWAT in poll: their first byte starts the session.
-  if (!o.input_ready || !p.peer.is_tcp) return std::nullopt;
+  if (!o.input_ready || o.peek_bytes == 0 || !p.peer.is_tcp) return std::nullopt;
   if (!w.peek_buffer) w.peek_buffer = std::make_unique_for_overwrite<char[]>(o.peek_bytes);
   const int fd = static_cast<int>(p.sock.native_handle());
   const ssize_t n = ::recv(fd, w.peek_buffer.get(), o.peek_bytes, MSG_PEEK | MSG_DONTWAIT);
@@ -463,12 +464,13 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
   const auto deadline = idle.count() > 0 ? clock::now() + idle : clock::time_point::max();
   w.parked.emplace_back(std::move(s), peer, deadline);
   const auto it = std::prev(w.parked.end());
+  srv->counters.parked();
   if (srv->draining) {
     // Accepted as the drain began, after its pass over this worker.
     it->start = session_start::drain;
     return unpark(srv, w, it);
   }
-  if (srv->opts.input_ready && peer.is_tcp) {
+  if (srv->opts.input_ready && srv->opts.peek_bytes > 0 && peer.is_tcp) {
     // A client that sent its request with the handshake has it waiting
     // already: no wait, no wake-up, the session starts now.
     if (!on_readable(srv, w, it) || it->has_input) return;

@@ -35,6 +35,7 @@ stats_snapshot server_stats::snapshot() const noexcept {
   stats_snapshot s;
   s.accepted = get(accepted_);
   s.open = get(open_);
+  s.waiting_for_input = get(waiting_);
   s.closed = get(closed_);
   for (std::size_t i = 0; i < close_cause_count; ++i) s.closed_by_cause[i] = get(by_cause_[i]);
   s.fin_first_local = get(fin_first_local_);
@@ -66,6 +67,8 @@ template <class F>
 void each_counter(const stats_snapshot& s, F&& f) {
   f("connections_accepted", "", "", s.accepted, "Connections accepted");
   f("connections_open", "", "", s.open, "Connections open now");
+  f("connections_waiting_for_input", "", "", s.waiting_for_input,
+    "Connections open now with no session yet: their input is not ready");
   f("connections_closed", "", "", s.closed, "Connections closed");
   for (std::size_t i = 1; i < close_cause_count; ++i)
     f("closed_by_cause", "cause", to_string(static_cast<close_cause>(i)), s.closed_by_cause[i],
@@ -126,7 +129,7 @@ std::string to_prometheus(const stats_snapshot& s) {
   std::string_view last;
   each_counter(s, [&](std::string_view name, std::string_view label, std::string_view value, std::uint64_t v,
                       std::string_view help) {
-    const bool gauge = name == "connections_open";
+    const bool gauge = name == "connections_open" || name == "connections_waiting_for_input";
     const std::string metric = fmt::format("closewise_{}{}", name, gauge ? "" : "_total");
     if (name != last) {
       out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", metric, help, metric, gauge ? "gauge" : "counter");

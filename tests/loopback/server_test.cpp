@@ -465,7 +465,11 @@ TEST(server_start_on_input, a_session_starts_with_the_first_byte_fin_or_reset) {
   std::vector<raw_peer> silent;
   for (int i = 0; i < 40; ++i) silent.push_back(connect_to(s.port()));
   ASSERT_TRUE(wait_accepted(s, 40));
-  // Accepted (on both threads) and waiting: no session, no stream yet.
+  // Accepted (on both threads: the second one's are handed over) and waiting:
+  // no session, no stream yet.
+  for (int i = 0; i < 5000 && s.get().stats().snapshot().waiting_for_input < 40; ++i)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(s.get().stats().snapshot().waiting_for_input, 40u);
   EXPECT_EQ(sessions_started.load(), 0);
   EXPECT_EQ(s.get().stats().snapshot().open, 40u);
   for (auto& p : silent) EXPECT_TRUE(echoes(p));
@@ -484,6 +488,7 @@ TEST(server_start_on_input, a_session_starts_with_the_first_byte_fin_or_reset) {
   const auto snap = s.get().stats().snapshot();
   EXPECT_EQ(sessions_started.load(), 42);
   EXPECT_EQ(snap.open, 0u);
+  EXPECT_EQ(snap.waiting_for_input, 0u);
   EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_idle)], 1u);
   EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_fin_then_ours)], 41u);
   expect_no_half_closed_leftovers(s.port());
@@ -741,12 +746,14 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   r.timeout = timeout_kind::write;
   st.record(r);
   st.accept_failed(accept_error::emfile);
+  st.parked();
   const auto snap = st.snapshot();
   const auto json = to_json(snap);
   EXPECT_NE(json.find("\"connections_accepted\":1"), std::string::npos) << json;
   EXPECT_NE(json.find("\"closed_by_cause\":{"), std::string::npos) << json;
   EXPECT_NE(json.find("\"linger_timeout\":1"), std::string::npos) << json;
   EXPECT_NE(json.find("\"emfile\":1"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"connections_waiting_for_input\":1"), std::string::npos) << json;
   EXPECT_EQ(json.front(), '{');
   EXPECT_EQ(json.back(), '}');
   const auto prom = to_prometheus(snap);
@@ -755,6 +762,8 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   EXPECT_NE(prom.find("closewise_timeouts_total{kind=\"write\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("closewise_accept_errors_total{kind=\"emfile\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
+  EXPECT_NE(prom.find("# TYPE closewise_connections_waiting_for_input gauge\nclosewise_connections_waiting_for_input 1\n"),
+            std::string::npos);
 }
 
 // ---- write queue watermarks ----

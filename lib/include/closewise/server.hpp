@@ -97,8 +97,11 @@ struct server_options {
   /// or buffer: a slow sender holds kernel memory only. A FIN, a RST, an
   /// error or `peek_bytes` waiting start the session whatever this says.
   /// Empty: the first byte starts it. Called on the connection's I/O thread.
+  /// TCP only: on a Unix socket the first byte starts the session (its poll
+  /// ignores SO_RCVLOWAT, which the wait for more bytes relies on).
   std::function<bool(std::string_view waiting)> input_ready;
-  /// The most bytes peeked for `input_ready`; as many waiting start the session.
+  /// The most bytes peeked for `input_ready`; as many waiting start the
+  /// session. 0: no peeking, the first byte starts it.
   std::size_t peek_bytes = 16 * 1024;
   /// How long input may wait without `input_ready` saying yes, from its first
   /// byte; then the session starts anyway and applies its own limits

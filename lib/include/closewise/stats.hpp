@@ -34,6 +34,7 @@ inline constexpr std::size_t timeout_kind_count = 4;
 struct stats_snapshot {
   std::uint64_t accepted = 0;
   std::uint64_t open = 0;
+  std::uint64_t waiting_for_input = 0;  ///< open, no session yet: input not ready (server_options::start_on_input)
   std::uint64_t closed = 0;
   std::array<std::uint64_t, close_cause_count> closed_by_cause{};  ///< indexed by close_cause
   std::uint64_t fin_first_local = 0;                               ///< we sent the first FIN
@@ -70,6 +71,9 @@ class server_stats {
   void limit_paused() noexcept { add(limit_paused_); }
   void drain_closed() noexcept { add(drain_closed_); }
   void drain_forced() noexcept { add(drain_forced_); }
+  /// A connection waits for its input without a session (start_on_input), or stops waiting.
+  void parked() noexcept { add(waiting_); }
+  void unparked() noexcept { waiting_.fetch_sub(1, std::memory_order_relaxed); }
   /// A rejected connection never opened: undo `accepted()`'s open count.
   void rejected_open() noexcept { open_.fetch_sub(1, std::memory_order_relaxed); }
   std::uint64_t open() const noexcept { return open_.load(std::memory_order_relaxed); }
@@ -80,7 +84,7 @@ class server_stats {
   using counter = std::atomic<std::uint64_t>;
   static void add(counter& c, std::uint64_t n = 1) noexcept { c.fetch_add(n, std::memory_order_relaxed); }
 
-  counter accepted_{0}, open_{0}, closed_{0};
+  counter accepted_{0}, open_{0}, waiting_{0}, closed_{0};
   std::array<counter, close_cause_count> by_cause_{};
   counter fin_first_local_{0}, fin_first_peer_{0}, time_wait_local_{0}, time_wait_peer_{0};
   counter rst_sent_{0}, rst_received_{0}, kernel_resets_{0};
