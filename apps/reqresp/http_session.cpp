@@ -138,8 +138,10 @@ http::response<http::string_body> text_response(http::status status, unsigned ve
   return res;
 }
 
-// Answers a refused request and ends the session with a graceful close.
-asio::awaitable<void> refuse(connection& c, http_service& svc, const rejection& r) {
+// Answers a refused request and ends the session with a graceful close. A
+// refused HEAD gets the header alone: a body there would be read by the
+// client as the start of the next response (RFC 9110 section 9.3.2).
+asio::awaitable<void> refuse(connection& c, http_service& svc, const rejection& r, bool head) {
   svc.counters().refused.fetch_add(1, std::memory_order_relaxed);
   if (r.status == http::status::request_timeout) svc.counters().timeouts.fetch_add(1, std::memory_order_relaxed);
   closewise::logger()->info("[conn {}] refused: {} {}", c.id(), static_cast<unsigned>(r.status), r.reason);
@@ -148,7 +150,7 @@ asio::awaitable<void> refuse(connection& c, http_service& svc, const rejection& 
   // Whatever --teardown says: a fin_close or abortive close here would let the
   // unread rest of the request turn into a RST that destroys this answer.
   c.set_close_policy(close_policy::graceful);
-  if (!co_await write_response(c.io(), res, false)) svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
+  if (!co_await write_response(c.io(), res, head)) svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
 }
 
 std::string stats_text(const http_service& svc, route which) {
@@ -266,7 +268,8 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     deadline.stop();
     if (!answerable) co_return;  // the peer ended the stream mid-request or the connection failed
     if (refusal) {
-      co_await refuse(c, *svc, *refusal);
+      // The method is known once the request line was parsed (verb::unknown before).
+      co_await refuse(c, *svc, *refusal, parser->get().method() == http::verb::head);
       co_return;  // a graceful close; nothing pipelined behind a refused request runs
     }
 
