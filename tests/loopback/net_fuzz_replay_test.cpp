@@ -33,26 +33,25 @@ std::vector<fs::path> inputs_of(const std::string& target) {
   return it == all.end() ? std::vector<fs::path>{} : it->second;
 }
 
-TEST(http_fuzz_replay, every_corpus_and_regression_input_keeps_every_promise) {
-  const auto files = inputs_of("fuzz_http");
-  http_fuzz_target target;
+// Runs every input of `name` through a fresh `Target`; the inputs run.
+template <class Target>
+std::size_t replay_all(const std::string& name) {
+  const auto files = inputs_of(name);
+  Target target;
   for (const auto& file : files) {
     const auto bytes = read_bytes(file);
     const auto failure = target.run(bytes.data(), bytes.size());
     EXPECT_FALSE(failure.has_value()) << file << ": " << failure.value_or("");
   }
-  EXPECT_GE(files.size(), 8u) << "the seeds of fuzz/corpus/fuzz_http are missing";
+  return files.size();
+}
+
+TEST(http_fuzz_replay, every_corpus_and_regression_input_keeps_every_promise) {
+  EXPECT_GE(replay_all<http_fuzz_target>("fuzz_http"), 8u) << "the seeds of fuzz/corpus/fuzz_http are missing";
 }
 
 TEST(replay_fuzz_replay, every_corpus_and_regression_input_keeps_every_promise) {
-  const auto files = inputs_of("fuzz_replay");
-  replay_fuzz_target target;
-  for (const auto& file : files) {
-    const auto bytes = read_bytes(file);
-    const auto failure = target.run(bytes.data(), bytes.size());
-    EXPECT_FALSE(failure.has_value()) << file << ": " << failure.value_or("");
-  }
-  EXPECT_GE(files.size(), 6u) << "the seeds of fuzz/corpus/fuzz_replay are missing";
+  EXPECT_GE(replay_all<replay_fuzz_target>("fuzz_replay"), 6u) << "the seeds of fuzz/corpus/fuzz_replay are missing";
 }
 
 // Every byte string is a valid input; the decoders keep to their bounds.

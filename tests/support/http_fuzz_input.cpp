@@ -65,20 +65,11 @@ reqresp::http_options http_fuzz_options() {
 }
 
 server_options http_fuzz_server_options() {
-  server_options o;
-  o.listen = {"127.0.0.1:0"};
-  o.threads = 1;
-  // Longer than an input's pauses (40 ms at most), so only a stuck server or
-  // a 25 ms pause mid-request (408) runs into one; short enough that a
-  // forgotten connection ends within the input's bound.
-  o.stream.idle_timeout = std::chrono::milliseconds(200);
-  o.stream.read_timeout = std::chrono::milliseconds(200);
-  o.stream.write_timeout = std::chrono::milliseconds(200);
-  o.stream.linger_timeout = std::chrono::milliseconds(100);
-  o.stream.linger_max = std::chrono::milliseconds(300);
-  o.stream.safe_reset_wait = std::chrono::milliseconds(50);
-  o.drain_timeout = std::chrono::milliseconds(200);
-  return o;
+  // Timeouts longer than an input's pauses (40 ms at most), so only a stuck
+  // server or a 25 ms pause mid-request (408) runs into one; short enough
+  // that a forgotten connection ends within the input's bound.
+  return fuzz_server_options(std::chrono::milliseconds(200), std::chrono::milliseconds(100),
+                             std::chrono::milliseconds(300));
 }
 
 namespace {

@@ -24,6 +24,20 @@ namespace http = boost::beast::http;
 
 // ---- fuzz_server -----------------------------------------------------------
 
+server_options fuzz_server_options(milliseconds timeouts, milliseconds linger, milliseconds linger_max) {
+  server_options o;
+  o.listen = {"127.0.0.1:0"};
+  o.threads = 1;
+  o.stream.idle_timeout = timeouts;
+  o.stream.read_timeout = timeouts;
+  o.stream.write_timeout = timeouts;
+  o.stream.linger_timeout = linger;
+  o.stream.linger_max = linger_max;
+  o.stream.safe_reset_wait = std::min(linger, milliseconds(50));
+  o.drain_timeout = std::max(timeouts, linger_max);
+  return o;
+}
+
 fuzz_server::fuzz_server(server_options o, session_handler h) : srv_(std::move(o), std::move(h)) {
   srv_.on_close([this](const connection&, const close_report&) {
     // Taking the lock orders the notification after a waiter's predicate check.
@@ -195,23 +209,35 @@ void client_socket::close() noexcept {
 
 // ---- HTTP framing ----------------------------------------------------------
 
+namespace {
+
+// Feeds `bytes` to `p` until the message is done, the parser fails, or it
+// needs more than there is (ec = need_more); returns the bytes consumed. One
+// put() may stop after the header, hence the loop.
+template <class Parser>
+std::size_t put_all(Parser& p, std::string_view bytes, boost::system::error_code& ec) {
+  p.eager(true);
+  p.body_limit(boost::none);
+  std::size_t used = 0;
+  while (!ec && !p.is_done() && used < bytes.size()) {
+    const std::size_t n = p.put(boost::asio::buffer(bytes.data() + used, bytes.size() - used), ec);
+    used += n;
+    if (n == 0 && !ec) break;
+  }
+  return used;
+}
+
+}  // namespace
+
 response_sequence parse_responses(std::string_view bytes, const std::vector<bool>& head) {
   response_sequence out;
   std::size_t at = 0;
   while (at < bytes.size()) {
     http::response_parser<http::string_body> p;
-    p.eager(true);
-    p.body_limit(boost::none);
     p.header_limit(64 * 1024);
     if (out.final_count < head.size() && head[out.final_count]) p.skip(true);
     boost::system::error_code ec;
-    std::size_t used = 0;
-    // One put() may stop after the header; go on until done or stuck.
-    while (!ec && !p.is_done() && at + used < bytes.size()) {
-      const std::size_t n = p.put(boost::asio::buffer(bytes.data() + at + used, bytes.size() - at - used), ec);
-      used += n;
-      if (n == 0 && !ec) break;
-    }
+    const std::size_t used = put_all(p, bytes.substr(at), ec);
     if (ec && ec != http::error::need_more) {
       out.error = "not an HTTP response at byte " + std::to_string(at) + ": " + ec.message();
       return out;
@@ -239,17 +265,9 @@ request_sequence parse_requests(std::string_view bytes, std::size_t header_limit
   std::size_t at = 0;
   while (at < bytes.size()) {
     http::request_parser<http::string_body> p;
-    p.eager(true);
-    p.body_limit(boost::none);
     p.header_limit(static_cast<std::uint32_t>(std::min<std::size_t>(header_limit, UINT32_MAX)));
     boost::system::error_code ec;
-    std::size_t used = 0;
-    // put() stops after the header; go on with the body.
-    while (!ec && !p.is_done() && at + used < bytes.size()) {
-      const std::size_t n = p.put(boost::asio::buffer(bytes.data() + at + used, bytes.size() - at - used), ec);
-      used += n;
-      if (n == 0 && !ec) break;
-    }
+    const std::size_t used = put_all(p, bytes.substr(at), ec);
     if (!p.get().method_string().empty()) out.head.push_back(p.get().method() == http::verb::head);
     if (ec || !p.is_done()) return out;
     ++out.complete;

@@ -54,6 +54,11 @@ class fuzz_server {
   std::thread thread_;
 };
 
+/// Options for a fuzzed server on 127.0.0.1:0: one I/O thread (so an input's
+/// events keep their order), idle/read/write timeouts of `timeouts`, a
+/// graceful drain bounded by `linger` without progress and `linger_max` in all.
+server_options fuzz_server_options(milliseconds timeouts, milliseconds linger, milliseconds linger_max);
+
 /// How a read of a client socket ended.
 enum class read_end : std::uint8_t { eof, reset, error, deadline, quiet };
 std::string_view to_string(read_end e) noexcept;

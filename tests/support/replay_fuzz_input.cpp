@@ -57,19 +57,10 @@ constexpr std::array<std::string_view, 8> http_pieces{
 };
 
 server_options replay_server_options() {
-  server_options o;
-  o.listen = {"127.0.0.1:0"};
-  o.threads = 1;
-  // Longer than a whole input (64 steps of at most 4 ms, then the finish), so
-  // no timeout cuts an echo short; a linger timeout short enough that a
+  // Timeouts longer than a whole input (64 steps of at most 4 ms, then the
+  // finish), so none cuts an echo short; a linger timeout short enough that a
   // refused HTTP client that never sends its FIN is reset within the input.
-  o.stream.idle_timeout = std::chrono::seconds(2);
-  o.stream.read_timeout = std::chrono::seconds(2);
-  o.stream.write_timeout = std::chrono::seconds(2);
-  o.stream.linger_timeout = std::chrono::milliseconds(200);
-  o.stream.linger_max = std::chrono::milliseconds(500);
-  o.stream.safe_reset_wait = std::chrono::milliseconds(50);
-  return o;
+  return fuzz_server_options(std::chrono::seconds(2), std::chrono::milliseconds(200), std::chrono::milliseconds(500));
 }
 
 session_handler real_http_session() {
