@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <tuple>
 
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -141,6 +142,26 @@ TEST(http_fuzz_replay, oracle_catches_a_truncated_response) {
   const auto failure = target.run(in.data(), in.size());
   ASSERT_TRUE(failure.has_value());
   EXPECT_NE(failure->find("incomplete response"), std::string::npos) << *failure;
+}
+
+// A session that says Connection: close and then keeps the connection open
+// until the client gives up.
+asio::awaitable<void> closes_only_when_the_client_does(connection& c) {
+  std::array<char, 4096> buf;
+  auto [ec, n] = co_await c.read_some(asio::buffer(buf));
+  if (n == 0) co_return;
+  constexpr std::string_view answer = "HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+  if (co_await c.write(asio::buffer(answer))) co_return;
+  while (!ec) std::tie(ec, n) = co_await c.read_some(asio::buffer(buf));
+}
+
+TEST(http_fuzz_replay, oracle_catches_a_closing_response_without_a_fin) {
+  http_fuzz_target target(closes_only_when_the_client_does);
+  auto in = http_input("GET / HTTP/1.1\r\nHost: f\r\n\r\n");
+  in[0] = 2;  // read until quiet, then RST: the client never sends its FIN
+  const auto failure = target.run(in.data(), in.size());
+  ASSERT_TRUE(failure.has_value());
+  EXPECT_NE(failure->find("no FIN"), std::string::npos) << *failure;
 }
 
 // An echo that drops the last byte of every piece it reads.

@@ -180,10 +180,26 @@ std::optional<std::string> http_fuzz_target::run(const std::uint8_t* data, std::
       if (end == read_end::deadline) return "the server did not end the connection within 2 s of our FIN" + where;
       s.close();
       break;
-    case http_fuzz_ending::read_then_reset:
+    case http_fuzz_ending::read_then_reset: {
       end = s.read(got, steady_clock::now() + std::chrono::milliseconds(100), std::chrono::milliseconds(2));
+      // A response that closes the connection must be followed by the
+      // server's FIN (or a RST) without our FIN. Wait for it longer than the
+      // 2 ms quiet (on a loaded machine the FIN may trail the response), but
+      // less than the 200 ms idle timeout, which would close for a server
+      // that forgot to.
+      const auto so_far = parse_responses(got, parse_requests(plan.payload, svc_->options().max_header_bytes).head);
+      const bool closing = std::any_of(so_far.responses.begin(), so_far.responses.end(),
+                                       [](const parsed_response& r) { return !r.keep_alive; });
+      if (closing && (end == read_end::quiet || end == read_end::deadline)) {
+        end = s.read(got, steady_clock::now() + std::chrono::milliseconds(100));
+        if (end == read_end::deadline) {
+          return "no FIN within 100 ms of a response that closed the connection (responses: " + statuses(so_far) +
+                 ")" + where;
+        }
+      }
       s.reset();
       break;
+    }
     case http_fuzz_ending::reset:
       s.reset();
       break;
