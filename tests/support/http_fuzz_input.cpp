@@ -193,8 +193,8 @@ std::optional<std::string> http_fuzz_target::run(const std::uint8_t* data, std::
       if (closing && (end == read_end::quiet || end == read_end::deadline)) {
         end = s.read(got, steady_clock::now() + std::chrono::milliseconds(100));
         if (end == read_end::deadline) {
-          return "no FIN within 100 ms of a response that closed the connection (responses: " + statuses(so_far) +
-                 ")" + where;
+          return "no FIN within 100 ms of a response that closed the connection (responses: " + statuses(so_far) + ")" +
+                 where;
         }
       }
       s.reset();
@@ -204,27 +204,30 @@ std::optional<std::string> http_fuzz_target::run(const std::uint8_t* data, std::
       s.reset();
       break;
   }
-  if (!srv_.wait_all_closed(connections_, std::chrono::seconds(2))) return "the server kept the connection open 2 s after the client ended it" + where;
+  if (!srv_.wait_all_closed(connections_, std::chrono::seconds(2)))
+    return "the server kept the connection open 2 s after the client ended it" + where;
 
   const request_sequence reqs = parse_requests(plan.payload, svc_->options().max_header_bytes);
   const response_sequence seq = parse_responses(got, reqs.head);
   const std::string seen = " (responses: " + statuses(seq) + ")" + where;
   if (seq.error) return *seq.error + seen;
   if (plan.ending == http_fuzz_ending::half_close && seq.leftover > 0) {
-    return std::to_string(seq.leftover) + " bytes of an incomplete response before the " +
-           std::string(to_string(end)) + seen;
+    return std::to_string(seq.leftover) + " bytes of an incomplete response before the " + std::string(to_string(end)) +
+           seen;
   }
   for (std::size_t i = 0; i < seq.responses.size(); ++i) {
     const auto& r = seq.responses[i];
     if (!documented(r.status)) return "undocumented status " + std::to_string(r.status) + seen;
-    if (refusal_only(r.status) && r.keep_alive) return "status " + std::to_string(r.status) + " without Connection: close" + seen;
+    if (refusal_only(r.status) && r.keep_alive)
+      return "status " + std::to_string(r.status) + " without Connection: close" + seen;
     if (!r.keep_alive && (i + 1 < seq.responses.size() || seq.leftover > 0)) {
       return "bytes after a response that closed the connection" + seen;
     }
   }
   // At most one answer to a request that is incomplete or malformed (its refusal).
   if (seq.final_count > reqs.complete + 1) {
-    return std::to_string(seq.final_count) + " responses to " + std::to_string(reqs.complete) + " complete requests" + seen;
+    return std::to_string(seq.final_count) + " responses to " + std::to_string(reqs.complete) + " complete requests" +
+           seen;
   }
 
   const counters_seen after = read_counters(svc_->counters());

@@ -188,7 +188,8 @@ read_end client_socket::read(std::string& sink, steady_clock::time_point deadlin
     if (e != read_end::quiet) return e;
     const auto now = steady_clock::now();
     const bool by_quiet = quiet.count() > 0 && now + quiet < deadline;
-    if (!wait_for(fd_, POLLIN, by_quiet ? now + quiet : deadline)) return by_quiet ? read_end::quiet : read_end::deadline;
+    if (!wait_for(fd_, POLLIN, by_quiet ? now + quiet : deadline))
+      return by_quiet ? read_end::quiet : read_end::deadline;
   }
 }
 

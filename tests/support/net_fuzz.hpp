@@ -127,8 +127,8 @@ response_sequence parse_responses(std::string_view bytes, const std::vector<bool
 /// reads them with `header_limit`: every complete request, then the method of
 /// an incomplete or malformed one if its request line was read.
 struct request_sequence {
-  std::vector<bool> head;     ///< per request: is it a HEAD
-  std::size_t complete = 0;   ///< requests parsed completely
+  std::vector<bool> head;    ///< per request: is it a HEAD
+  std::size_t complete = 0;  ///< requests parsed completely
 };
 request_sequence parse_requests(std::string_view bytes, std::size_t header_limit);
 

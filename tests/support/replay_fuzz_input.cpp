@@ -220,7 +220,8 @@ class replay_run {
       if (auto f = take(sl)) return f;
       if (sl.ended) break;
       if (steady_clock::now() >= deadline) {
-        return std::string(sl.http ? "the HTTP" : "the echo") + " server did not end the connection within 2 s of our FIN";
+        return std::string(sl.http ? "the HTTP" : "the echo") +
+               " server did not end the connection within 2 s of our FIN";
       }
       pollfd p{sl.s.fd(), POLLIN, 0};
       ::poll(&p, 1, 10);
@@ -233,7 +234,8 @@ class replay_run {
       if (sl.http) {
         const response_sequence r = parse_responses(sl.http_got, {});
         if (r.error) return "HTTP: " + *r.error;
-        if (r.leftover > 0) return "HTTP: " + std::to_string(r.leftover) + " bytes of an incomplete response before EOF";
+        if (r.leftover > 0)
+          return "HTTP: " + std::to_string(r.leftover) + " bytes of an incomplete response before EOF";
       }
     }
     sl.s.close();
