@@ -71,8 +71,12 @@ server_options http_fuzz_server_options() {
   // within the 2 s the client waits for the end of a connection. No input
   // waits for them: the client ends every connection itself. The 408 comes
   // from the 20 ms request timeout, not from these.
-  return fuzz_server_options(std::chrono::milliseconds(1000), std::chrono::milliseconds(100),
-                             std::chrono::milliseconds(300));
+  // And as closewise-reqresp runs: sessions start once a header is complete,
+  // so the pieces of a cut header wait parked, peeked, not read.
+  server_options o = fuzz_server_options(std::chrono::milliseconds(1000), std::chrono::milliseconds(100),
+                                         std::chrono::milliseconds(300));
+  reqresp::configure_server(o, http_fuzz_options());
+  return o;
 }
 
 namespace {

@@ -63,12 +63,23 @@ server_options replay_server_options() {
   return fuzz_server_options(std::chrono::seconds(2), std::chrono::milliseconds(200), std::chrono::milliseconds(500));
 }
 
-session_handler real_http_session() {
+reqresp::http_options replay_http_options() {
   reqresp::http_options h;
   h.max_body_bytes = 4096;
   h.max_response_bytes = 256 * 1024;
   h.request_timeout = std::chrono::milliseconds(100);
-  return reqresp::make_session_handler(std::make_shared<reqresp::http_service>(h));
+  return h;
+}
+
+session_handler real_http_session() {
+  return reqresp::make_session_handler(std::make_shared<reqresp::http_service>(replay_http_options()));
+}
+
+// The HTTP server as closewise-reqresp runs it: sessions start once a header is complete.
+server_options replay_http_server_options() {
+  server_options o = replay_server_options();
+  reqresp::configure_server(o, replay_http_options());
+  return o;
 }
 
 struct slot {
@@ -257,7 +268,7 @@ replay_fuzz_target::replay_fuzz_target(unsigned diag_every)
 replay_fuzz_target::replay_fuzz_target(session_handler echo, session_handler http, unsigned diag_every)
     : echo_(replay_server_options(),
             echo ? std::move(echo) : echo::make_session(echo::session_options_for(replay_server_options()))),
-      http_(replay_server_options(), http ? std::move(http) : real_http_session()),
+      http_(replay_http_server_options(), http ? std::move(http) : real_http_session()),
       diag_every_(std::max(diag_every, 1u)) {}
 
 std::optional<std::string> replay_fuzz_target::run(const std::uint8_t* data, std::size_t size) {
