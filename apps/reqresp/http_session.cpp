@@ -17,9 +17,9 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/read_size.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/beast/http/parser.hpp>
-#include <boost/beast/http/read.hpp>
 #include <boost/beast/http/status.hpp>
 #include <boost/beast/http/string_body.hpp>
 
@@ -275,22 +275,61 @@ std::string_view unparsed(const beast::flat_buffer& b) {
   return {static_cast<const char*>(b.data().data()), b.data().size()};
 }
 
-// What Beast's read operations do with the bytes already buffered, without
-// their machinery: most requests arrive whole in one read, and parsing them
-// in place saves a composed operation, a post and a resumption per request.
-// Header only, or (whole) the whole message. need_more: the rest must be
-// read, by Beast's operation, which carries on from here.
-error_code parse_buffered(request_parser& p, beast::flat_buffer& b, bool whole) {
+// Where a request's parse stands: the header's bytes counted across reads.
+// Beast 1.81 applies header_limit to what one put() sees, and consumes
+// complete fields as they arrive, so a header that comes in pieces would
+// have no limit at all (a client could send megabytes of fields, a line at
+// a time, within the request deadline).
+struct header_budget {
+  std::size_t limit = 0;
+  std::size_t used = 0;  // header bytes the parser consumed so far
+};
+
+// Parses what the buffer already holds, without I/O: the header, or (whole)
+// the whole message. need_more: the rest must be read first. Most requests
+// arrive whole in one read, and then this is all the parsing they get.
+error_code parse_buffered(request_parser& p, beast::flat_buffer& b, bool whole, header_budget& header) {
   p.eager(whole);
   error_code ec;
   while (!(whole ? p.is_done() : p.is_header_done())) {
+    const bool in_header = !p.is_header_done();
     if (b.size() == 0) return http::error::need_more;
     const std::size_t used = p.put(b.data(), ec);
     b.consume(used);
+    if (in_header) {
+      // Header and body are parsed in separate calls (eager only once the
+      // header is done): `used` is all header.
+      header.used += used;
+      const bool over = p.is_header_done() ? header.used > header.limit : header.used + b.size() >= header.limit;
+      if (over) return http::error::header_limit;
+    }
     if (ec) return ec;  // need_more included: Beast's reads treat it alike
     if (used == 0) return http::error::need_more;
   }
   return ec;
+}
+
+// Reads into the buffer until the header (or, whole, the whole message) is
+// parsed, as Beast's read operations do, but with the header counted across
+// reads (header_budget) and the deadline's cancellation bound to each read.
+asio::awaitable<error_code> read_request(stream& io, beast::flat_buffer& b, request_parser& p,
+                                         request_deadline& deadline, header_budget& header, bool whole) {
+  for (;;) {
+    const error_code ec = parse_buffered(p, b, whole, header);
+    if (ec != http::error::need_more) co_return ec;
+    const std::size_t size = beast::read_size(b, 65536);
+    if (size == 0) co_return http::error::buffer_overflow;
+    auto [rec, n] = co_await io.async_read_some(b.prepare(size), deadline.token());
+    b.commit(n);
+    if (rec == asio::error::eof) {
+      // As Beast: a message cut by the FIN is partial; none at all, the end of the stream.
+      if (!p.got_some()) co_return http::error::end_of_stream;
+      error_code eof_ec;
+      p.put_eof(eof_ec);
+      co_return eof_ec;
+    }
+    if (rec) co_return rec;
+  }
 }
 
 bool wants_continue(const request_parser& p) {
@@ -338,11 +377,9 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
                                   unparsed(buffer));
     };
     bool answerable = true;
-    error_code hec = parse_buffered(*parser, buffer, false);
-    if (hec == http::error::need_more) {
-      auto [ec, n] = co_await http::async_read_header(c.io(), buffer, *parser, deadline.token());
-      hec = ec;
-    }
+    header_budget header{o.max_header_bytes, 0};
+    error_code hec = parse_buffered(*parser, buffer, false, header);
+    if (hec == http::error::need_more) hec = co_await read_request(c.io(), buffer, *parser, deadline, header, false);
     if (hec || deadline.expired()) {
       refusal = failed(hec);
       answerable = refusal.has_value();
@@ -355,11 +392,8 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
         if (auto [ec, n] = co_await asio::async_write(c.io(), asio::buffer(go_on), use_tuple); ec) co_return;
         c.mark_exchange_open();  // the 100 answered nothing: a drain must wait for the final response
       }
-      error_code bec = parse_buffered(*parser, buffer, true);
-      if (bec == http::error::need_more) {
-        auto [ec, n] = co_await http::async_read(c.io(), buffer, *parser, deadline.token());
-        bec = ec;
-      }
+      error_code bec = parse_buffered(*parser, buffer, true, header);
+      if (bec == http::error::need_more) bec = co_await read_request(c.io(), buffer, *parser, deadline, header, true);
       if (bec || deadline.expired()) {
         refusal = failed(bec);
         answerable = refusal.has_value();
