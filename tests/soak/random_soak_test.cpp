@@ -759,6 +759,7 @@ TEST(soak, random_peers_against_echo_and_http_keep_every_promise) {
   echo_srv.on_close([&s](const connection& c, const close_report& r) {
     s.echo_ledger.server_closed(rr::peer_port(c.peer()), r);
   });
+  rr::configure_server(ho, hh);  // as closewise-reqresp runs it: sessions start on a whole header
   auto svc = std::make_shared<rr::http_service>(hh);
   auto& http_srv = http_holder.emplace(ho, rr::make_session_handler(svc));
   svc->set_stats(&http_srv.stats());
