@@ -281,9 +281,7 @@ TEST(soak, slow_clients_are_cut_at_their_deadlines_while_a_fresh_client_stays_fa
   for (auto& t : threads) t.join();
   const auto took = clock_type::now() - start;
 
-  // Every slow connection was waited for by its own client; the fresh ones close last.
-  const auto wait_until = clock_type::now() + 10s;
-  while (s.get().stats().snapshot().open > 0 && clock_type::now() < wait_until) s.take_report(0, 20ms);
+  // Every client took its connection's report before it went on: all closed.
   const auto snap = s.get().stats().snapshot();
   EXPECT_EQ(snap.open, 0u);
   std::error_code ec;
