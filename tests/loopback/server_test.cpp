@@ -235,6 +235,9 @@ TEST(server, clients_resetting_in_the_backlog_do_not_stop_the_listener) {
   std::vector<raw_peer> aborted, normal;
   for (int i = 0; i < 20; ++i) aborted.push_back(connect_to(s.port()));
   for (int i = 0; i < 5; ++i) normal.push_back(connect_to(s.port()));
+  std::set<std::string> peers{"127.0.0.1:" + std::to_string(blocker.local_port())};
+  for (const auto* group : {&aborted, &normal})
+    for (const auto& c : *group) peers.insert("127.0.0.1:" + std::to_string(c.local_port()));
   for (auto& c : aborted) c.reset();  // RST while waiting in the accept queue
   release.set_value();
   for (auto& c : normal) EXPECT_TRUE(echoes(c));
@@ -248,6 +251,9 @@ TEST(server, clients_resetting_in_the_backlog_do_not_stop_the_listener) {
   EXPECT_EQ(snap.open, 0u);
   // Every reset client that was accepted ended as a peer reset, not as a FIN.
   EXPECT_EQ(snap.rst_received + snap.accept_errors[3], 20u);
+  // Each report names its own client, the reset ones too: getpeername fails
+  // on them (ENOTCONN), the address accept(2) returned does not.
+  for (const auto& r : s.reports()) EXPECT_EQ(peers.count(r.peer), 1u) << "report of an unknown peer: " << r.peer;
   expect_no_half_closed_leftovers(s.port());
 }
 

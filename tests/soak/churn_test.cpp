@@ -99,16 +99,7 @@ int one_cycle(std::uint16_t server_port, const std::string& payload, std::uint16
 }
 
 TEST(soak, connection_churn_past_the_ephemeral_port_range) {
-  if (!in_private_netns_child()) {
-    const auto verdict = run_current_test_in_private_netns(900s);
-    using outcome = netns_verdict::outcome;
-    if (verdict.result == outcome::passed) return;
-    if (verdict.result == outcome::failed) FAIL() << "in the private network namespace:\n" << verdict.reason;
-    if (verdict.result == outcome::skipped) GTEST_SKIP() << verdict.reason;
-    std::printf("note: running on this machine's own loopback (%s)\n", verdict.reason.c_str());
-  } else if (const auto why = prepare_private_netns()) {
-    FAIL() << *why;
-  }
+  CLOSEWISE_IN_PRIVATE_NETNS_IF_POSSIBLE(900s);
 
   const std::size_t cycles = churn_count();
   const std::size_t range = ephemeral_range_size();
