@@ -87,10 +87,12 @@ enum class session_start : std::uint8_t { serve, ready_timeout, idle_timeout, dr
 
 // An accepted connection waiting for its input (server_options::start_on_input).
 struct parked_connection {
-  parked_connection(socket s, peer_address p, clock::time_point d) : sock(std::move(s)), peer(p), deadline(d) {}
+  parked_connection(socket s, peer_address p, clock::time_point d)
+      : sock(std::move(s)), peer(p), deadline(d), parked_since(clock::now()) {}
   socket sock;
   peer_address peer;
-  clock::time_point deadline;     // idle deadline while silent, ready deadline once input came
+  clock::time_point deadline;      // idle deadline while silent, ready deadline once input came
+  clock::time_point parked_since;  // accepted: how long a silent one has waited (drain_idle_grace)
   clock::time_point input_since;  // its first byte, as the peeks saw it; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
@@ -207,28 +209,33 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
     }
   }
 
-  // Closes idle connections gracefully; at the deadline resets the rest.
-  // Repeats while connections remain: a session that finishes its exchange
-  // after the first pass goes idle later.
+  // Closes idle connections gracefully once they have been idle for the
+  // grace; at the deadline resets the rest. Repeats while connections
+  // remain: a session that finishes its exchange after the first pass goes
+  // idle later, and an idle one reaches the grace later.
   void drain_pass(worker& w, clock::time_point deadline) {
-    const bool force = clock::now() >= deadline;
+    const auto now = clock::now();
+    const bool force = now >= deadline;
     for (connection_impl* c : w.connections) {
       if (c->io.state().closing()) continue;
       if (force) {
         c->forced = true;
         forced.fetch_add(1, std::memory_order_relaxed);
         c->io.async_close(close_policy::abortive, [](close_report) {});
-      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open) {
+      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
+                 now - c->io.read_pending_since() >= opts.drain_idle_grace) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
     }
     // Connections still waiting for their first byte are idle: they leave
-    // the wait (unpark) and close gracefully as server_drain.
+    // the wait (unpark) and close gracefully as server_drain, once they have
+    // waited for the grace (a proxy writes its request right after connecting).
     // Those with input are mid-request: their sessions start and finish it.
     for (parked_list* list : {&w.parked, &w.partial}) {
       for (parked_connection& p : *list) {
         if (p.start != session_start::serve) continue;
+        if (!force && !p.has_input && now - p.parked_since < opts.drain_idle_grace) continue;
         p.start = p.has_input ? session_start::ready_timeout : session_start::drain;
         error_code ignored;
         p.sock.cancel(ignored);
