@@ -178,23 +178,42 @@ std::string nginx_config(const fs::path& dir, std::uint16_t listen, const std::v
   return "daemon off;\n"
          "master_process off;\n"
          "worker_processes 1;\n"
-         "pid " + d + "/nginx.pid;\n"
-         "error_log " + d + "/error.log warn;\n"
+         "pid " +
+         d +
+         "/nginx.pid;\n"
+         "error_log " +
+         d +
+         "/error.log warn;\n"
          "events { worker_connections 4096; }\n"
          "http {\n"
          "  log_format probe '$status $upstream_status $request_method';\n"
-         "  access_log " + d + "/access.log probe;\n"
-         "  client_body_temp_path " + d + "/body;\n"
-         "  proxy_temp_path " + d + "/proxy;\n"
-         "  fastcgi_temp_path " + d + "/fastcgi;\n"
-         "  uwsgi_temp_path " + d + "/uwsgi;\n"
-         "  scgi_temp_path " + d + "/scgi;\n"
-         "  upstream closewise {\n" + servers +
+         "  access_log " +
+         d +
+         "/access.log probe;\n"
+         "  client_body_temp_path " +
+         d +
+         "/body;\n"
+         "  proxy_temp_path " +
+         d +
+         "/proxy;\n"
+         "  fastcgi_temp_path " +
+         d +
+         "/fastcgi;\n"
+         "  uwsgi_temp_path " +
+         d +
+         "/uwsgi;\n"
+         "  scgi_temp_path " +
+         d +
+         "/scgi;\n"
+         "  upstream closewise {\n" +
+         servers +
          "    keepalive 32;\n"
          "    keepalive_timeout 60s;\n"
          "  }\n"
          "  server {\n"
-         "    listen 127.0.0.1:" + std::to_string(listen) + ";\n"
+         "    listen 127.0.0.1:" +
+         std::to_string(listen) +
+         ";\n"
          "    location / {\n"
          "      proxy_pass http://closewise;\n"
          "      proxy_http_version 1.1;\n"
@@ -261,8 +280,8 @@ struct instance {
 };
 
 struct instance_options {
-  std::string idle_timeout;       // --idle-timeout; empty: the default (75 s)
-  std::string drain_idle_grace;   // --drain-idle-grace; empty: the default (1 s)
+  std::string idle_timeout;      // --idle-timeout; empty: the default (75 s)
+  std::string drain_idle_grace;  // --drain-idle-grace; empty: the default (1 s)
   double drain_timeout_s = 5;
 };
 
@@ -270,17 +289,11 @@ struct instance_options {
 // its "listening on" line: from then on its listener takes connections.
 std::optional<instance> start_instance(std::uint16_t port, const instance_options& o, const fs::path& log,
                                        std::string& why) {
-  std::vector<std::string> args = {CLOSEWISE_REQRESP_BINARY,
-                                   "--listen",
-                                   "127.0.0.1:" + std::to_string(port),
-                                   "--reuse-port",
-                                   "--threads",
-                                   "1",
-                                   "--stats",
-                                   "--log-level",
-                                   "warn",
-                                   "--drain-timeout",
-                                   std::to_string(o.drain_timeout_s)};
+  // One thread each: two instances, nginx and the clients share two cores.
+  std::vector<std::string> args = {CLOSEWISE_REQRESP_BINARY, "--listen", "127.0.0.1:" + std::to_string(port)};
+  for (const char* flag : {"--reuse-port", "--stats"}) args.emplace_back(flag);
+  args.insert(args.end(), {"--threads", "1", "--log-level", "warn"});
+  args.insert(args.end(), {"--drain-timeout", std::to_string(o.drain_timeout_s)});
   if (!o.idle_timeout.empty()) {
     args.push_back("--idle-timeout");
     args.push_back(o.idle_timeout);
@@ -297,8 +310,8 @@ std::optional<instance> start_instance(std::uint16_t port, const instance_option
   }
   const auto line = in.proc->read_line(15s);
   if (!line || line->rfind("listening on 127.0.0.1:", 0) != 0) {
-    why = "no 'listening on' line from closewise-reqresp (got '" + line.value_or("") + "'); its log:\n" +
-          read_file(log);
+    why =
+        "no 'listening on' line from closewise-reqresp (got '" + line.value_or("") + "'); its log:\n" + read_file(log);
     return std::nullopt;
   }
   in.port = port_of_listening_line(*line);
@@ -339,8 +352,10 @@ std::vector<std::string> unexplained_closes(const json& s) {
   }
   if (by_cause != closed)
     bad.push_back("causes add up to " + std::to_string(by_cause) + ", not " + std::to_string(closed));
-  for (const char* k : {"rst_sent", "rst_received", "kernel_resets", "drain_forced", "linger_timeouts", "linger_limits"})
-    if (s.value(k, std::uint64_t{0}) > 0) bad.push_back(std::string(k) + " " + std::to_string(s[k].get<std::uint64_t>()));
+  for (const char* k :
+       {"rst_sent", "rst_received", "kernel_resets", "drain_forced", "linger_timeouts", "linger_limits"})
+    if (s.value(k, std::uint64_t{0}) > 0)
+      bad.push_back(std::string(k) + " " + std::to_string(s[k].get<std::uint64_t>()));
   return bad;
 }
 
@@ -406,6 +421,27 @@ std::optional<int> stop_nginx(proxy& p) {
   auto st = p.proc->wait(10s);
   p.proc.reset();
   return st;
+}
+
+// Two instances on ports of their own behind one nginx; the logs of
+// instance `which`, generation n, go to reqresp-WHICH-N.log.
+struct rig {
+  std::vector<instance> live;
+  std::optional<proxy> px;
+  int generation = 0;
+  fs::path log_of(const fs::path& dir, std::size_t which) {
+    return dir / ("reqresp-" + std::to_string(which) + "-" + std::to_string(generation++) + ".log");
+  }
+};
+
+bool start_rig(const std::string& nginx, const fs::path& dir, const instance_options& io, rig& r, std::string& why) {
+  for (std::size_t i = 0; i < 2; ++i) {
+    auto in = start_instance(0, io, r.log_of(dir, i), why);
+    if (!in) return false;
+    r.live.push_back(std::move(*in));
+  }
+  r.px = start_nginx(nginx, dir, {r.live[0].port, r.live[1].port}, why);
+  return r.px.has_value();
 }
 
 // One closewise-bench run against nginx.
@@ -486,25 +522,17 @@ void run_restarts(double seconds, const instance_options& io, restart_outcome& o
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
   std::string why;
-  std::vector<instance> live;
-  int generation = 0;
-  auto log_of = [&](std::size_t which) {
-    return dir.path() / ("reqresp-" + std::to_string(which) + "-" + std::to_string(generation++) + ".log");
-  };
-  for (std::size_t i = 0; i < 2; ++i) {
-    auto in = start_instance(0, io, log_of(i), why);
-    ASSERT_TRUE(in) << why;
-    live.push_back(std::move(*in));
-  }
-  auto px = start_nginx(*nginx, dir.path(), {live[0].port, live[1].port}, why);
-  ASSERT_TRUE(px) << why;
+  rig r;
+  ASSERT_TRUE(start_rig(*nginx, dir.path(), io, r, why)) << why;
+  auto& live = r.live;
+  auto& px = r.px;
 
   const std::string secs = std::to_string(seconds);
   std::vector<bench_run> loads;
   loads.push_back(start_bench(dir.path(), "get", px->port, {"--duration", secs, "--connections", "24", "--path", "/"}));
-  loads.push_back(start_bench(dir.path(), "post", px->port,
-                              {"--duration", secs, "--connections", "24", "--method", "POST", "--path", "/echo",
-                               "--body", post_body}));
+  loads.push_back(start_bench(
+      dir.path(), "post", px->port,
+      {"--duration", secs, "--connections", "24", "--method", "POST", "--path", "/echo", "--body", post_body}));
   for (auto& b : loads) ASSERT_TRUE(b.proc->started());
 
   // Restarts spread over the run, one every ~3 s, alternating instances; the
@@ -517,7 +545,7 @@ void run_restarts(double seconds, const instance_options& io, restart_outcome& o
     std::this_thread::sleep_until(at);  // pacing the restarts, not synchronising
     const std::size_t which = k % 2;
     const auto t0 = clock_type::now();
-    auto fresh = start_instance(live[which].port, io, log_of(which), why);
+    auto fresh = start_instance(live[which].port, io, r.log_of(dir.path(), which), why);
     ASSERT_TRUE(fresh) << why;
     ASSERT_EQ(fresh->port, live[which].port);
     out.ready_s.push_back(since(t0));
@@ -525,7 +553,8 @@ void run_restarts(double seconds, const instance_options& io, restart_outcome& o
     live[which] = std::move(*fresh);
     ++out.restarts;
   }
-  for (auto& b : loads) out.loads.push_back(finish_bench(b, std::chrono::milliseconds(static_cast<long>(seconds * 1000)) + 30s));
+  for (auto& b : loads)
+    out.loads.push_back(finish_bench(b, std::chrono::milliseconds(static_cast<long>(seconds * 1000)) + 30s));
   for (auto& in : live) out.stops.push_back(stop_instance(in, io));
   EXPECT_EQ(stop_nginx(*px), 0);
   out.logs = read_nginx_logs(dir.path());
@@ -629,23 +658,19 @@ void run_idle_race(double seconds, const instance_options& io, double gap_ms, do
   temp_dir dir;
   ASSERT_FALSE(dir.path().empty());
   std::string why;
-  std::vector<instance> live;
-  for (std::size_t i = 0; i < 2; ++i) {
-    auto in = start_instance(0, io, dir.path() / ("reqresp-" + std::to_string(i) + ".log"), why);
-    ASSERT_TRUE(in) << why;
-    live.push_back(std::move(*in));
-  }
-  auto px = start_nginx(*nginx, dir.path(), {live[0].port, live[1].port}, why);
-  ASSERT_TRUE(px) << why;
+  rig r;
+  ASSERT_TRUE(start_rig(*nginx, dir.path(), io, r, why)) << why;
+  auto& live = r.live;
+  auto& px = r.px;
 
   std::mt19937 rng(8);  // fixed: the same jitter every run
   std::uniform_real_distribution<double> jitter(-jitter_ms, jitter_ms);
   const auto start = clock_type::now();
   while (since(start) < seconds) {
     const auto t0 = clock_type::now();
-    auto b = start_bench(dir.path(), "burst", px->port,
-                         {"--count", "48", "--connections", "8", "--method", "POST", "--path", "/echo", "--body",
-                          post_body});
+    auto b = start_bench(
+        dir.path(), "burst", px->port,
+        {"--count", "48", "--connections", "8", "--method", "POST", "--path", "/echo", "--body", post_body});
     ASSERT_TRUE(b.proc->started());
     const auto r = finish_bench(b, 30s);
     ASSERT_TRUE(r.status.has_value()) << "closewise-bench did not finish a burst";

@@ -79,8 +79,7 @@ class child {
         out_text_.erase(0, nl + 1);
         return line;
       }
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
       if (left <= std::chrono::milliseconds(0) || !pump(out_, out_text_, left)) return std::nullopt;
     }
   }
