@@ -166,6 +166,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   std::vector<std::string> unix_files;
   server_stats counters;
   std::atomic<bool> draining{false};
+  std::atomic<clock::rep> drain_deadline{0};  // written before `draining` is set
   std::atomic<bool> paused{false};
   std::atomic<std::uint64_t> forced{0};
   std::size_t next_worker = 0;                  // touched only by the accept loops (worker 0)
@@ -193,6 +194,8 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   }
 
   void start_drain() {
+    if (draining) return;
+    drain_deadline = (clock::now() + opts.drain_timeout).time_since_epoch().count();
     if (draining.exchange(true)) return;
     asio::post(acceptor_home().ioc, [self = shared_from_this()] {
       for (auto& a : self->acceptors) {
@@ -203,7 +206,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
       if (self->signals) self->signals->cancel();
       if (self->counters.open() == 0) self->release_all();
     });
-    const auto deadline = clock::now() + opts.drain_timeout;
+    const clock::time_point deadline(clock::duration(drain_deadline.load()));
     for (auto& w : workers) {
       asio::post(w->ioc, [self = shared_from_this(), w = w.get(), deadline] { self->drain_pass(*w, deadline); });
     }
@@ -473,9 +476,16 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
   const auto it = std::prev(w.parked.end());
   srv->counters.parked();
   if (srv->draining) {
-    // Accepted as the drain began, after its pass over this worker.
-    it->start = session_start::drain;
-    return unpark(srv, w, it);
+    // Accepted as the drain began, after its pass over this worker. A proxy
+    // that just connected is writing its request: with a grace, the drain's
+    // passes (restarted here, they may have ended) leave it that long to come.
+    if (srv->opts.drain_idle_grace.count() <= 0) {
+      it->start = session_start::drain;
+      return unpark(srv, w, it);
+    }
+    asio::post(w.ioc, [srv, w = &w] {
+      srv->drain_pass(*w, clock::time_point(clock::duration(srv->drain_deadline.load())));
+    });
   }
   if (srv->opts.input_ready && srv->opts.peek_bytes > 0 && peer.is_tcp) {
     // A client that sent its request with the handshake has it waiting
