@@ -444,6 +444,25 @@ bool start_rig(const std::string& nginx, const fs::path& dir, const instance_opt
   return r.px.has_value();
 }
 
+// A run's directory and its rig; the rig (nginx, instances) goes first.
+struct run_env {
+  temp_dir dir;
+  rig r;
+};
+
+bool start_env(run_env& e, const instance_options& io, std::string& why) {
+  const auto nginx = find_nginx();
+  if (!nginx) {
+    why = "nginx not found";
+    return false;
+  }
+  if (e.dir.path().empty()) {
+    why = "cannot make a temporary directory";
+    return false;
+  }
+  return start_rig(*nginx, e.dir.path(), io, e.r, why);
+}
+
 // One closewise-bench run against nginx.
 struct bench_run {
   std::unique_ptr<child> proc;
@@ -517,13 +536,11 @@ struct restart_outcome {
 // and closes upstream connections all the time) for `seconds`; meanwhile
 // each instance is replaced in turn. Fails the test on setup errors.
 void run_restarts(double seconds, const instance_options& io, restart_outcome& out) {
-  const auto nginx = find_nginx();
-  ASSERT_TRUE(nginx);
-  temp_dir dir;
-  ASSERT_FALSE(dir.path().empty());
+  run_env env;
   std::string why;
-  rig r;
-  ASSERT_TRUE(start_rig(*nginx, dir.path(), io, r, why)) << why;
+  ASSERT_TRUE(start_env(env, io, why)) << why;
+  const temp_dir& dir = env.dir;
+  rig& r = env.r;
   auto& live = r.live;
   auto& px = r.px;
 
@@ -653,15 +670,11 @@ struct race_outcome {
 // census), which the pause before the next burst leaves out.
 void run_idle_race(double seconds, const instance_options& io, double gap_ms, double jitter_ms,
                    std::size_t enough_failures, race_outcome& out) {
-  const auto nginx = find_nginx();
-  ASSERT_TRUE(nginx);
-  temp_dir dir;
-  ASSERT_FALSE(dir.path().empty());
+  run_env env;
   std::string why;
-  rig r;
-  ASSERT_TRUE(start_rig(*nginx, dir.path(), io, r, why)) << why;
-  auto& live = r.live;
-  auto& px = r.px;
+  ASSERT_TRUE(start_env(env, io, why)) << why;
+  const fs::path& dir = env.dir.path();
+  const std::uint16_t proxy_port = env.r.px->port;
 
   std::mt19937 rng(8);  // fixed: the same jitter every run
   std::uniform_real_distribution<double> jitter(-jitter_ms, jitter_ms);
@@ -669,7 +682,7 @@ void run_idle_race(double seconds, const instance_options& io, double gap_ms, do
   while (since(start) < seconds) {
     const auto t0 = clock_type::now();
     auto b = start_bench(
-        dir.path(), "burst", px->port,
+        dir, "burst", proxy_port,
         {"--count", "48", "--connections", "8", "--method", "POST", "--path", "/echo", "--body", post_body});
     ASSERT_TRUE(b.proc->started());
     const auto r = finish_bench(b, 30s);
@@ -685,15 +698,15 @@ void run_idle_race(double seconds, const instance_options& io, double gap_ms, do
     }
     // nginx logs every answer at once: its 502s are what the clients got,
     // including those closewise-bench sent after its count was reached.
-    if (enough_failures > 0 && read_nginx_logs(dir.path()).server_errors >= enough_failures) break;
+    if (enough_failures > 0 && read_nginx_logs(dir).server_errors >= enough_failures) break;
     // The pause is the point of the pattern, not a synchronisation.
     const double pause_ms = std::max(0.0, gap_ms - overhead_ms + jitter(rng));
     std::this_thread::sleep_for(std::chrono::microseconds(static_cast<long>(pause_ms * 1000)));
   }
   out.wall_s = since(start);
-  for (auto& in : live) out.stops.push_back(stop_instance(in, io));
-  EXPECT_EQ(stop_nginx(*px), 0);
-  out.logs = read_nginx_logs(dir.path());
+  for (auto& in : env.r.live) out.stops.push_back(stop_instance(in, io));
+  EXPECT_EQ(stop_nginx(*env.r.px), 0);
+  out.logs = read_nginx_logs(dir);
 }
 
 void print_race(const char* title, const race_outcome& o) {
