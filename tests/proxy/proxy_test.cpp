@@ -16,7 +16,7 @@
 // CLOSEWISE_PROXY_SECONDS sets the restart run's load (default 30 s);
 // CLOSEWISE_PROXY_RACE_SECONDS the length of the idle-race run that must not
 // fail (default 20 s; the one that must fail stops at its first failure, or
-// at six times that);
+// at ten times that);
 // CLOSEWISE_PROXY_KEEP=1 keeps the temporary directory (configuration, logs).
 
 #include <arpa/inet.h>
@@ -731,10 +731,10 @@ double race_jitter_ms() { return env_seconds("CLOSEWISE_PROXY_RACE_JITTER_MS", 6
 // 60 s: some POSTs meet our FIN and nginx answers 502 without retrying. The
 // window is narrow (nginx must pick the connection before it has processed
 // our FIN), so the run goes on until a request failed (CLOSEWISE_PROXY_RACE_ENOUGH
-// of them), for at most six times CLOSEWISE_PROXY_RACE_SECONDS.
+// of them), for at most ten times CLOSEWISE_PROXY_RACE_SECONDS.
 TEST(proxy, idle_timeout_shorter_than_the_proxy_keepalive_fails_requests) {
   if (std::string why; !have_nginx_or_skip_reason(why)) GTEST_SKIP() << why;
-  const double seconds = 6 * env_seconds("CLOSEWISE_PROXY_RACE_SECONDS", 20);
+  const double seconds = 10 * env_seconds("CLOSEWISE_PROXY_RACE_SECONDS", 20);
   const auto enough = static_cast<std::size_t>(env_seconds("CLOSEWISE_PROXY_RACE_ENOUGH", 1));
   CLOSEWISE_IN_PRIVATE_NETNS(std::chrono::seconds(static_cast<long>(seconds) + 120));
   ASSERT_TRUE(set_tcp_migrate_req(true));
