@@ -6,7 +6,8 @@
 #   source scripts/deps.sh; closewise_deps build   # or source it and call the function
 #
 # build: what configuring and compiling needs. test: build + the tools the
-# loopback and fault tests drive (ss, nc, socat, curl, nft). fuzz: build +
+# loopback and fault tests drive (ss, nc, socat, curl, nft) and the reverse
+# proxy of the proxy tests (nginx-light). fuzz: build +
 # clang-14 and its runtimes (libFuzzer, ASan, UBSan) for scripts/fuzz.
 #
 # Environment:
@@ -19,7 +20,7 @@ CLOSEWISE_BUILD_PACKAGES=(
   cmake ninja-build g++
   libboost1.81-dev libspdlog-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
 )
-CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables)
+CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light)
 # scripts/fuzz: libFuzzer and the sanitizer runtimes come with clang's runtime package.
 CLOSEWISE_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev)
 

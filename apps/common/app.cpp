@@ -48,6 +48,11 @@ void server_flags::add_to(CLI::App& cli) {
                  "On SIGTERM/SIGINT: seconds to let exchanges finish before resetting the rest")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  cli.add_option("--drain-idle-grace", drain_idle_grace_s,
+                 "On SIGTERM/SIGINT: close an idle keep-alive connection only once it has waited this many seconds "
+                 "for a request (a proxy's next request would race our FIN on a connection it just used)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_option("--max-connections", max_connections, "Open connections at most")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -83,6 +88,7 @@ server_options server_flags::to_options() const {
   o.stream.read_timeout = seconds(read_timeout_s);
   o.stream.write_timeout = seconds(write_timeout_s);
   o.drain_timeout = seconds(drain_timeout_s);
+  o.drain_idle_grace = seconds(drain_idle_grace_s);
   o.max_connections = max_connections;
   o.overflow = overflow == "reject" ? overflow_action::reject : overflow_action::pause_accept;
   o.handle_signals = true;

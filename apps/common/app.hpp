@@ -34,6 +34,7 @@ struct server_flags {
   double read_timeout_s = 30.0;
   double write_timeout_s = 30.0;
   double drain_timeout_s = 10.0;
+  double drain_idle_grace_s = 1.0;
   std::size_t max_connections = 10000;
   std::string overflow = "pause";
   bool reuse_port = false;

@@ -350,7 +350,11 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
   for (;;) {
     if (buffer.size() == 0) {
       // Between requests: the only place a drain may close the connection.
-      if (c.draining()) co_return;
+      // Even when draining we wait here instead of returning: the server
+      // closes the connection once it has been idle for drain_idle_grace, and
+      // a request that arrives first is answered with Connection: close. A
+      // proxy sends its next request on the connection it used last, so
+      // returning now would put our FIN on the wire just as that request comes.
       // The capacity earlier requests grew is reused as it is.
       const std::size_t room = std::max(idle_read_bytes, buffer.capacity());
       auto [ec, n] = co_await c.io().async_read_some(buffer.prepare(room), use_tuple);

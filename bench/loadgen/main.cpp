@@ -253,6 +253,8 @@ int main(int argc, char** argv) {
       name};
   std::string target_text;
   std::string path = "/";
+  std::string method = "GET";
+  std::string body;
   std::string host;
   std::vector<std::string> headers;
   std::string mode_text = "client-fin";
@@ -275,6 +277,11 @@ int main(int argc, char** argv) {
 
   cli.add_option("--target", target_text, "Server to load, HOST:PORT")->required()->type_name("HOST:PORT");
   cli.add_option("--path", path, "Request target")->capture_default_str();
+  cli.add_option("--method", method,
+                 "Request method; POST is not idempotent, so a proxy must not retry it on another upstream")
+      ->check(CLI::IsMember({"GET", "POST", "PUT", "DELETE"}))
+      ->capture_default_str();
+  cli.add_option("--body", body, "Request body, sent with its Content-Length (cycle modes)");
   cli.add_option("--host", host, "Host header (default: the --target text)");
   cli.add_option("--header", headers, "Extra request header field, 'Name: value' (repeatable)");
   cli.add_option("--mode", mode_text,
@@ -330,13 +337,16 @@ int main(int argc, char** argv) {
   raise_nofile();
   if (host.empty()) host = target_text;
 
-  std::string request = "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n";
+  std::string request = method + " " + path + " HTTP/1.1\r\nHost: " + host + "\r\n";
   for (const auto& h : headers) request += h + "\r\n";
   const std::string partial = request;  // request line and fields, without the empty line
   const bool server_close = mode_text == "server-close";
   std::string full = request + "\r\n";
   if (server_close) request += "Connection: close\r\n";
-  request += "\r\n";
+  if (!body.empty() || method == "POST" || method == "PUT") {
+    request += "Content-Length: " + std::to_string(body.size()) + "\r\n";
+  }
+  request += "\r\n" + body;
 
   progress_line live;
   live.enabled = !no_progress && ::isatty(STDERR_FILENO) != 0;
@@ -348,6 +358,7 @@ int main(int argc, char** argv) {
   j["mode"] = mode_text;
   j["target"] = target_text;
   j["path"] = path;
+  j["method"] = method;
 
   if (mode_text == "idle" || mode_text == "half-request") {
     cb::hold_config hc;

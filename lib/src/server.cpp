@@ -87,10 +87,12 @@ enum class session_start : std::uint8_t { serve, ready_timeout, idle_timeout, dr
 
 // An accepted connection waiting for its input (server_options::start_on_input).
 struct parked_connection {
-  parked_connection(socket s, peer_address p, clock::time_point d) : sock(std::move(s)), peer(p), deadline(d) {}
+  parked_connection(socket s, peer_address p, clock::time_point d)
+      : sock(std::move(s)), peer(p), deadline(d), parked_since(clock::now()) {}
   socket sock;
   peer_address peer;
-  clock::time_point deadline;     // idle deadline while silent, ready deadline once input came
+  clock::time_point deadline;      // idle deadline while silent, ready deadline once input came
+  clock::time_point parked_since;  // accepted: how long a silent one has waited (drain_idle_grace)
   clock::time_point input_since;  // its first byte, as the peeks saw it; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
@@ -164,6 +166,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   std::vector<std::string> unix_files;
   server_stats counters;
   std::atomic<bool> draining{false};
+  std::atomic<clock::rep> drain_deadline{0};  // written before `draining` is set
   std::atomic<bool> paused{false};
   std::atomic<std::uint64_t> forced{0};
   std::size_t next_worker = 0;                  // touched only by the accept loops (worker 0)
@@ -191,6 +194,8 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   }
 
   void start_drain() {
+    if (draining) return;
+    drain_deadline = (clock::now() + opts.drain_timeout).time_since_epoch().count();
     if (draining.exchange(true)) return;
     asio::post(acceptor_home().ioc, [self = shared_from_this()] {
       for (auto& a : self->acceptors) {
@@ -201,34 +206,39 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
       if (self->signals) self->signals->cancel();
       if (self->counters.open() == 0) self->release_all();
     });
-    const auto deadline = clock::now() + opts.drain_timeout;
+    const clock::time_point deadline(clock::duration(drain_deadline.load()));
     for (auto& w : workers) {
       asio::post(w->ioc, [self = shared_from_this(), w = w.get(), deadline] { self->drain_pass(*w, deadline); });
     }
   }
 
-  // Closes idle connections gracefully; at the deadline resets the rest.
-  // Repeats while connections remain: a session that finishes its exchange
-  // after the first pass goes idle later.
+  // Closes idle connections gracefully once they have been idle for the
+  // grace; at the deadline resets the rest. Repeats while connections
+  // remain: a session that finishes its exchange after the first pass goes
+  // idle later, and an idle one reaches the grace later.
   void drain_pass(worker& w, clock::time_point deadline) {
-    const bool force = clock::now() >= deadline;
+    const auto now = clock::now();
+    const bool force = now >= deadline;
     for (connection_impl* c : w.connections) {
       if (c->io.state().closing()) continue;
       if (force) {
         c->forced = true;
         forced.fetch_add(1, std::memory_order_relaxed);
         c->io.async_close(close_policy::abortive, [](close_report) {});
-      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open) {
+      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
+                 now - c->io.read_pending_since() >= opts.drain_idle_grace) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
     }
     // Connections still waiting for their first byte are idle: they leave
-    // the wait (unpark) and close gracefully as server_drain.
+    // the wait (unpark) and close gracefully as server_drain, once they have
+    // waited for the grace (a proxy writes its request right after connecting).
     // Those with input are mid-request: their sessions start and finish it.
     for (parked_list* list : {&w.parked, &w.partial}) {
       for (parked_connection& p : *list) {
         if (p.start != session_start::serve) continue;
+        if (!force && !p.has_input && now - p.parked_since < opts.drain_idle_grace) continue;
         p.start = p.has_input ? session_start::ready_timeout : session_start::drain;
         error_code ignored;
         p.sock.cancel(ignored);
@@ -466,9 +476,16 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
   const auto it = std::prev(w.parked.end());
   srv->counters.parked();
   if (srv->draining) {
-    // Accepted as the drain began, after its pass over this worker.
-    it->start = session_start::drain;
-    return unpark(srv, w, it);
+    // Accepted as the drain began, after its pass over this worker. A proxy
+    // that just connected is writing its request: with a grace, the drain's
+    // passes (restarted here, they may have ended) leave it that long to come.
+    if (srv->opts.drain_idle_grace.count() <= 0) {
+      it->start = session_start::drain;
+      return unpark(srv, w, it);
+    }
+    asio::post(w.ioc, [srv, w = &w] {
+      srv->drain_pass(*w, clock::time_point(clock::duration(srv->drain_deadline.load())));
+    });
   }
   if (srv->opts.input_ready && srv->opts.peek_bytes > 0 && peer.is_tcp) {
     // A client that sent its request with the handshake has it waiting

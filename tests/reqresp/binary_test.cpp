@@ -5,9 +5,6 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -15,107 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "../support/child_process.hpp"
 #include "../support/loopback.hpp"
-
-extern char** environ;
 
 using namespace closewise::test;
 using namespace std::chrono_literals;
 
 namespace {
-
-// A child process with its stdout and stderr on pipes. Killed (SIGKILL) if
-// still running on destruction.
-class child {
- public:
-  explicit child(std::vector<std::string> args) {
-    int out[2], err[2];
-    if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (::posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid_ = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(out[1]);
-    ::close(err[1]);
-    out_ = out[0];
-    err_ = err[0];
-    if (pid_ > 0) pidfd_ = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
-  }
-  ~child() {
-    if (pid_ > 0 && !status_) {
-      ::kill(pid_, SIGKILL);
-      wait(5s);
-    }
-    for (int fd : {out_, err_, pidfd_}) {
-      if (fd >= 0) ::close(fd);
-    }
-  }
-  child(const child&) = delete;
-  child& operator=(const child&) = delete;
-
-  bool started() const { return pid_ > 0 && pidfd_ >= 0; }
-  void signal(int sig) { ::kill(pid_, sig); }
-
-  // One line of stdout (without the newline), waiting up to `limit`.
-  std::optional<std::string> read_line(std::chrono::milliseconds limit) {
-    const auto end = std::chrono::steady_clock::now() + limit;
-    for (;;) {
-      if (const auto nl = out_text_.find('\n'); nl != std::string::npos) {
-        std::string line = out_text_.substr(0, nl);
-        out_text_.erase(0, nl + 1);
-        return line;
-      }
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
-      if (left <= 0ms || !pump(out_, out_text_, left)) return std::nullopt;
-    }
-  }
-
-  // Waits for the exit (bounded) and collects what is left of the output.
-  // Returns the exit status, or nullopt if it did not exit in time.
-  std::optional<int> wait(std::chrono::milliseconds limit) {
-    if (!status_) {
-      pollfd p{pidfd_, POLLIN, 0};
-      if (::poll(&p, 1, static_cast<int>(limit.count())) != 1) return std::nullopt;
-      int st = 0;
-      if (::waitpid(pid_, &st, 0) != pid_) return std::nullopt;
-      status_ = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    }
-    while (pump(out_, out_text_, 1000ms)) {
-    }
-    while (pump(err_, err_text_, 1000ms)) {
-    }
-    return status_;
-  }
-  const std::string& out() const { return out_text_; }
-  const std::string& err() const { return err_text_; }
-
- private:
-  // Reads what `fd` has within `limit`; false at EOF or timeout.
-  static bool pump(int fd, std::string& into, std::chrono::milliseconds limit) {
-    pollfd p{fd, POLLIN, 0};
-    if (::poll(&p, 1, static_cast<int>(limit.count())) != 1) return false;
-    char buf[4096];
-    const ssize_t n = ::read(fd, buf, sizeof(buf));
-    if (n <= 0) return false;
-    into.append(buf, static_cast<std::size_t>(n));
-    return true;
-  }
-
-  pid_t pid_ = -1;
-  int out_ = -1, err_ = -1, pidfd_ = -1;
-  std::optional<int> status_;
-  std::string out_text_, err_text_;
-};
-
-std::uint16_t port_of_listening_line(const std::string& line) {
-  const auto colon = line.rfind(':');
-  return colon == std::string::npos ? 0 : static_cast<std::uint16_t>(std::stoi(line.substr(colon + 1)));
-}
 
 // Reads until `marker` arrived (bounded).
 std::string read_until(raw_peer& p, std::string_view marker, std::chrono::milliseconds limit = 5s) {

@@ -568,6 +568,37 @@ TEST(reqresp_server, drain_finishes_requests_in_progress_and_closes_idle_connect
   EXPECT_EQ(snap.drain_forced, 0u);
 }
 
+// With drain_idle_grace, a connection that has just finished an exchange is
+// not closed by the drain: a proxy would send its next request on exactly
+// this connection, and our FIN would cross it. The next request is answered
+// with Connection: close instead, and the server closes after it.
+TEST(reqresp_server, drain_idle_grace_answers_the_next_request_with_connection_close) {
+  auto o = local_options();
+  o.drain_idle_grace = 5s;  // far longer than this test needs between its two requests
+  rr::http_server s(o, {});
+  auto p = connect_to(s.port());
+  ASSERT_GT(p.send(std::string("GET / HTTP/1.1\r\nHost: x\r\n\r\n")), 0);
+  std::string sink;
+  ASSERT_EQ(read_responses(p, 1, sink).size(), 1u);
+
+  s.drain();
+  ASSERT_GT(p.send(std::string("GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")), 0);
+  sink.clear();
+  const auto end = p.drain(&sink);
+  EXPECT_TRUE(end.eof);
+  std::string rest;
+  const auto got = parse_responses(sink, &rest);
+  ASSERT_EQ(got.size(), 1u) << sink;
+  EXPECT_EQ(got[0].status, 200);
+  EXPECT_EQ(got[0].header("Connection"), "close");
+  EXPECT_EQ(got[0].body, pattern(10));
+  p.close();
+  EXPECT_TRUE(s.wait_stopped(10s));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.drain_closed, 0u) << "the drain closed the connection instead of letting it answer";
+  EXPECT_EQ(snap.drain_forced, 0u);
+}
+
 // ---- a real client -----------------------------------------------------------
 
 std::string curl_path() {

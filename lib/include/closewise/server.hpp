@@ -72,6 +72,14 @@ struct server_options {
   std::size_t write_high_watermark = 1 << 20;      ///< above this many queued bytes, reading pauses
   std::size_t write_low_watermark = 256 << 10;     ///< reading resumes below this
   std::chrono::milliseconds drain_timeout{10000};  ///< drain: force (RST) what is still open after this
+  /// Drain: an idle keep-alive connection is closed only once it has waited
+  /// this long for a request. A proxy reuses the connection it used last
+  /// first, so closing one that just finished an exchange races the proxy's
+  /// next request on it: our FIN and the request cross, and the proxy answers
+  /// 502 for a request it may not retry (POST). Until then a request that
+  /// arrives is answered with Connection: close, and the proxy closes the
+  /// connection itself after reading the answer. 0: close idle connections at once.
+  std::chrono::milliseconds drain_idle_grace{0};
   std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
   int backlog = 1024;           ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
   bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain

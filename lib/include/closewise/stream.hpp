@@ -133,6 +133,7 @@ struct stream_impl {
   asio::cancellation_signal write_cancel;  // cancels the application's write (timeout)
   bool app_read_in_flight = false;
   bool app_write_in_flight = false;
+  clock::time_point app_read_started{};  // when the read in flight began (how long it has waited)
 
   // Per-operation timeouts. One timer per direction, armed lazily: a
   // completed operation does not cancel it; the handler re-checks the
@@ -391,6 +392,8 @@ class basic_stream {
 
   /// True while an application read is in flight (the connection waits for input).
   bool read_pending() const noexcept { return impl_->app_read_in_flight; }
+  /// When the read in flight began (meaningful while `read_pending()`).
+  std::chrono::steady_clock::time_point read_pending_since() const noexcept { return impl_->app_read_started; }
 
   /// The kernel's view now: TCP state, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD.
   socket_probe probe() const noexcept { return closewise::probe(impl_->fd()); }
@@ -479,6 +482,7 @@ class basic_stream {
           }
           stage = reading;
           impl->app_read_in_flight = true;
+          impl->app_read_started = std::chrono::steady_clock::now();
           impl->start_watch(impl, true);
           // The caller's cancellation reaches the socket through our own
           // signal, which async_close also uses to take over the read side.
