@@ -91,9 +91,9 @@ struct parked_connection {
       : sock(std::move(s)), peer(p), deadline(d), parked_since(clock::now()) {}
   socket sock;
   peer_address peer;
-  clock::time_point deadline;      // idle deadline while silent, ready deadline once input came
-  clock::time_point parked_since;  // accepted: how long a silent one has waited (drain_idle_grace)
-  clock::time_point input_since;  // its first byte, as the peeks saw it; unset while silent
+  clock::time_point deadline;                  // idle deadline while silent, ready deadline once input came
+  clock::time_point parked_since;              // accepted: how long a silent one has waited (drain_idle_grace)
+  clock::time_point input_since;               // its first byte, as the peeks saw it; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
   std::size_t input_bytes = 0;                 // waiting at the last peek (SO_RCVLOWAT is one more)
@@ -116,12 +116,11 @@ struct worker {
   parked_list partial;
   asio::steady_timer park_timer{ioc};
   clock::time_point park_timer_at = clock::time_point::max();  // max: not armed
-  std::unique_ptr<char[]> peek_buffer;                          // server_options::peek_bytes, shared by all
+  std::unique_ptr<char[]> peek_buffer;                         // server_options::peek_bytes, shared by all
 };
 
 struct connection_impl {
-  connection_impl(stream s, peer_address p, clock::time_point since, server::impl* srv, worker* w,
-                  close_policy policy)
+  connection_impl(stream s, peer_address p, clock::time_point since, server::impl* srv, worker* w, close_policy policy)
       : io(std::move(s)),
         peer_addr(p),
         input_since(since),
@@ -483,9 +482,8 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
       it->start = session_start::drain;
       return unpark(srv, w, it);
     }
-    asio::post(w.ioc, [srv, w = &w] {
-      srv->drain_pass(*w, clock::time_point(clock::duration(srv->drain_deadline.load())));
-    });
+    asio::post(w.ioc,
+               [srv, w = &w] { srv->drain_pass(*w, clock::time_point(clock::duration(srv->drain_deadline.load()))); });
   }
   if (srv->opts.input_ready && srv->opts.peek_bytes > 0 && peer.is_tcp) {
     // A client that sent its request with the handshake has it waiting
@@ -584,7 +582,8 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       park(srv, target, std::move(s), peer);
     } else {
       // The wait list belongs to the target's thread.
-      asio::post(target.ioc, [srv, w = &target, s = std::move(s), peer]() mutable { park(srv, *w, std::move(s), peer); });
+      asio::post(target.ioc,
+                 [srv, w = &target, s = std::move(s), peer]() mutable { park(srv, *w, std::move(s), peer); });
     }
   }
 }

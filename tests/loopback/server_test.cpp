@@ -473,8 +473,7 @@ TEST(server_start_on_input, a_session_starts_with_the_first_byte_fin_or_reset) {
   ASSERT_TRUE(wait_accepted(s, 40));
   // Accepted (on both threads: the second one's are handed over) and waiting:
   // no session, no stream yet.
-  for (int i = 0; i < 5000 && s.get().stats().snapshot().waiting_for_input < 40; ++i)
-    std::this_thread::sleep_for(1ms);
+  for (int i = 0; i < 5000 && s.get().stats().snapshot().waiting_for_input < 40; ++i) std::this_thread::sleep_for(1ms);
   EXPECT_EQ(s.get().stats().snapshot().waiting_for_input, 40u);
   EXPECT_EQ(sessions_started.load(), 0);
   EXPECT_EQ(s.get().stats().snapshot().open, 40u);
@@ -593,9 +592,8 @@ TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it
 std::atomic<long long> waited_before_session_ms{-1};
 
 asio::awaitable<void> timing_echo_session(connection& c) {
-  waited_before_session_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                                 std::chrono::steady_clock::now() - c.input_since())
-                                 .count();
+  waited_before_session_ms =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - c.input_since()).count();
   co_await echo_session(c);
 }
 
@@ -768,8 +766,9 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   EXPECT_NE(prom.find("closewise_timeouts_total{kind=\"write\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("closewise_accept_errors_total{kind=\"emfile\"} 1\n"), std::string::npos);
   EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
-  EXPECT_NE(prom.find("# TYPE closewise_connections_waiting_for_input gauge\nclosewise_connections_waiting_for_input 1\n"),
-            std::string::npos);
+  EXPECT_NE(
+      prom.find("# TYPE closewise_connections_waiting_for_input gauge\nclosewise_connections_waiting_for_input 1\n"),
+      std::string::npos);
 }
 
 // ---- write queue watermarks ----

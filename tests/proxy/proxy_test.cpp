@@ -660,9 +660,10 @@ struct race_outcome {
   double wall_s = 0;
 };
 
-// Two instances behind nginx; bursts of POSTs (closewise-bench runs of 48
-// requests on 8 kept-alive connections) separated by gaps drawn around
-// `gap_ms` with jitter, for `seconds`. nginx keeps the upstream connections
+// Two instances behind nginx; bursts of POSTs (closewise-bench runs of 96
+// requests on 32 kept-alive connections, as many as nginx keeps: each one a
+// chance of the race) separated by gaps drawn around `gap_ms` with jitter,
+// for `seconds`. nginx keeps the upstream connections
 // idle between bursts; when closewise's idle timeout ends one just as the
 // next burst arrives, the request meets our FIN. The gap is from the last
 // response of one burst to the first request of the next: closewise-bench
@@ -683,7 +684,7 @@ void run_idle_race(double seconds, const instance_options& io, double gap_ms, do
     const auto t0 = clock_type::now();
     auto b = start_bench(
         dir, "burst", proxy_port,
-        {"--count", "48", "--connections", "8", "--method", "POST", "--path", "/echo", "--body", post_body});
+        {"--count", "96", "--connections", "32", "--method", "POST", "--path", "/echo", "--body", post_body});
     ASSERT_TRUE(b.proc->started());
     const auto r = finish_bench(b, 30s);
     ASSERT_TRUE(r.status.has_value()) << "closewise-bench did not finish a burst";
@@ -734,6 +735,11 @@ double race_jitter_ms() { return env_seconds("CLOSEWISE_PROXY_RACE_JITTER_MS", 6
 // of them), for at most ten times CLOSEWISE_PROXY_RACE_SECONDS.
 TEST(proxy, idle_timeout_shorter_than_the_proxy_keepalive_fails_requests) {
   if (std::string why; !have_nginx_or_skip_reason(why)) GTEST_SKIP() << why;
+#ifdef CLOSEWISE_SANITIZED
+  // The race is a matter of microseconds between two processes; under a
+  // sanitizer's slowdown it is another race. The restart test runs here.
+  GTEST_SKIP() << "timing race: measured in the plain build only";
+#endif
   const double seconds = 10 * env_seconds("CLOSEWISE_PROXY_RACE_SECONDS", 20);
   const auto enough = static_cast<std::size_t>(env_seconds("CLOSEWISE_PROXY_RACE_ENOUGH", 1));
   CLOSEWISE_IN_PRIVATE_NETNS(std::chrono::seconds(static_cast<long>(seconds) + 120));
@@ -754,6 +760,9 @@ TEST(proxy, idle_timeout_shorter_than_the_proxy_keepalive_fails_requests) {
 // closes an idle connection, and nothing fails.
 TEST(proxy, idle_timeout_longer_than_the_proxy_keepalive_fails_none) {
   if (std::string why; !have_nginx_or_skip_reason(why)) GTEST_SKIP() << why;
+#ifdef CLOSEWISE_SANITIZED
+  GTEST_SKIP() << "the counterpart of a timing race: measured in the plain build only";
+#endif
   const double seconds = env_seconds("CLOSEWISE_PROXY_RACE_SECONDS", 20);
   CLOSEWISE_IN_PRIVATE_NETNS(std::chrono::seconds(static_cast<long>(seconds) + 120));
   ASSERT_TRUE(set_tcp_migrate_req(true));

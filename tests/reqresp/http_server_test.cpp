@@ -494,7 +494,7 @@ TEST(reqresp_server, a_header_over_the_limit_is_refused_however_it_is_cut) {
   for (const std::size_t piece : {request.size(), std::size_t{300}, std::size_t{29}}) {
     auto p = connect_to(s.port());
     for (std::size_t at = 0; at < request.size(); at += piece) {
-      if (p.send(request.substr(at, piece)) <= 0) break;  // refused and closed before the end: fine
+      if (p.send(request.substr(at, piece)) <= 0) break;             // refused and closed before the end: fine
       if (piece < request.size()) std::this_thread::sleep_for(2ms);  // client behaviour: separate segments
     }
     std::string sink;

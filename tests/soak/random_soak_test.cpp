@@ -49,6 +49,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -59,7 +60,6 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
-#include <fmt/format.h>
 
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
@@ -213,8 +213,8 @@ std::string judge(const client_result& c, const server_side& s) {
 
 std::string describe(const client_result& c, const server_side& s, const std::string& why) {
   return fmt::format("port {} {}: {} (client: sent {}, received {}, {} responses, eof {}; server: {}{}{}{}{}{})",
-                     c.port, ending_names[static_cast<std::size_t>(c.how)], why, c.sent, c.received, c.requests,
-                     c.eof, to_string(s.cause), s.rst_sent ? " rst_sent" : "", s.rst_received ? " rst_received" : "",
+                     c.port, ending_names[static_cast<std::size_t>(c.how)], why, c.sent, c.received, c.requests, c.eof,
+                     to_string(s.cause), s.rst_sent ? " rst_sent" : "", s.rst_received ? " rst_received" : "",
                      s.kernel_reset ? " kernel_reset" : "", s.timeout == timeout_kind::none ? "" : " timeout ",
                      s.timeout == timeout_kind::none ? std::string_view{} : to_string(s.timeout));
 }
@@ -282,8 +282,8 @@ class ledger {
   };
   totals get() {
     std::lock_guard lock(mu_);
-    return {clients_, reports_, matched_, failures_, unmatched_clients_, unmatched_reports_, sent_, received_,
-            requests_, by_ending_, examples_};
+    return {clients_, reports_,  matched_,  failures_,  unmatched_clients_, unmatched_reports_,
+            sent_,    received_, requests_, by_ending_, examples_};
   }
 
  private:
@@ -531,14 +531,14 @@ std::uint64_t header_value(const std::string& head, const char* name) {
 // Reads one response and checks it: 200, Content-Length, the body. With
 // `stop_after`, returns once that many body bytes were checked. Empty, or
 // what was wrong. `c` is the caller's, awaited at once.
-asio::awaitable<std::string> read_response(http_conn& c, expected_body want,
-                                           std::uint64_t stop_after = UINT64_MAX) {
+asio::awaitable<std::string> read_response(http_conn& c, expected_body want, std::uint64_t stop_after = UINT64_MAX) {
   std::size_t end;
   while ((end = c.in.find("\r\n\r\n")) == std::string::npos) {
     if (c.in.size() > 16 * 1024) co_return "response header too long";
     auto [ec, n] = co_await c.sock.async_read_some(asio::buffer(c.buf), use_tuple);
     c.in.append(c.buf.data(), n);
-    if (ec == asio::error::eof) co_return fmt::format("EOF before the response header ({} ms after the last response)", c.quiet.count());
+    if (ec == asio::error::eof)
+      co_return fmt::format("EOF before the response header ({} ms after the last response)", c.quiet.count());
     if (ec) co_return "read: " + ec.message();
   }
   std::string head = c.in.substr(0, end + 2);
@@ -761,16 +761,14 @@ TEST(soak, random_peers_against_echo_and_http_keep_every_promise) {
   soak_state s;
   std::optional<server> echo_holder, http_holder;  // destroyed before the descriptor count
   auto& echo_srv = echo_holder.emplace(eo, echo::make_session(echo::session_options_for(eo)));
-  echo_srv.on_close([&s](const connection& c, const close_report& r) {
-    s.echo_ledger.server_closed(rr::peer_port(c.peer()), r);
-  });
+  echo_srv.on_close(
+      [&s](const connection& c, const close_report& r) { s.echo_ledger.server_closed(rr::peer_port(c.peer()), r); });
   rr::configure_server(ho, hh);  // as closewise-reqresp runs it: sessions start on a whole header
   auto svc = std::make_shared<rr::http_service>(hh);
   auto& http_srv = http_holder.emplace(ho, rr::make_session_handler(svc));
   svc->set_stats(&http_srv.stats());
-  http_srv.on_close([&s](const connection& c, const close_report& r) {
-    s.http_ledger.server_closed(rr::peer_port(c.peer()), r);
-  });
+  http_srv.on_close(
+      [&s](const connection& c, const close_report& r) { s.http_ledger.server_closed(rr::peer_port(c.peer()), r); });
   echo_srv.start();
   http_srv.start();
   s.echo_port = parse_endpoint(echo_srv.local_endpoints().front()).port();
@@ -802,7 +800,8 @@ TEST(soak, random_peers_against_echo_and_http_keep_every_promise) {
 
   // The slots finish the connection they have, then return; run() with them.
   bool clients_done = true;
-  for (auto& f : clients) clients_done = f.wait_until(s.stop_spawning + 60s) == std::future_status::ready && clients_done;
+  for (auto& f : clients)
+    clients_done = f.wait_until(s.stop_spawning + 60s) == std::future_status::ready && clients_done;
   if (!clients_done)
     for (auto& ioc : contexts) ioc->stop();
   for (auto& f : clients) f.wait();

@@ -148,8 +148,7 @@ void slow_sender(rr::http_server& s, results& out, kind k, clock_type::time_poin
     const auto report = s.take_report(port, 5s);
     const auto [lo, hi] = cut_window(k);
     const std::string name = kind_names[static_cast<std::size_t>(k)];
-    if (sink.rfind("HTTP/1.1 408 ", 0) != 0)
-      out.fail(name + ": not a 408: " + sink.substr(0, sink.find("\r\n")));
+    if (sink.rfind("HTTP/1.1 408 ", 0) != 0) out.fail(name + ": not a 408: " + sink.substr(0, sink.find("\r\n")));
     if (!d.eof) out.fail(name + ": no EOF after the 408");
     if (took < lo || took > hi)
       out.fail(fmt::format("{}: cut after {:.0f} ms, not in [{}, {}] ms", name, ms_of(took), lo.count(), hi.count()));
@@ -301,11 +300,12 @@ TEST(soak, slow_clients_are_cut_at_their_deadlines_while_a_fresh_client_stays_fa
   }
   EXPECT_EQ(s.service().counters().timeouts.load(), slow_senders) << "every slow sender gets its 408, once";
   const double p50 = percentile(out.fresh, 0.5), p99 = percentile(out.fresh, 0.99), max = percentile(out.fresh, 1);
-  std::printf("slow: fresh client: %zu requests in %.1f s with %d slow clients at once: p50 %.1f ms, p99 %.1f ms, "
-              "max %.1f ms (p99 bound %lld ms)\n",
-              out.fresh.size(), std::chrono::duration<double>(took).count(),
-              slowloris_clients + slow_body_clients + never_reading_clients + slowly_reading_clients, p50, p99, max,
-              static_cast<long long>(fresh_p99_bound.count()));
+  std::printf(
+      "slow: fresh client: %zu requests in %.1f s with %d slow clients at once: p50 %.1f ms, p99 %.1f ms, "
+      "max %.1f ms (p99 bound %lld ms)\n",
+      out.fresh.size(), std::chrono::duration<double>(took).count(),
+      slowloris_clients + slow_body_clients + never_reading_clients + slowly_reading_clients, p50, p99, max,
+      static_cast<long long>(fresh_p99_bound.count()));
   EXPECT_GT(out.fresh.size(), 100u);
   EXPECT_LT(p99, static_cast<double>(fresh_p99_bound.count())) << "slow clients starve a fresh one";
 }

@@ -93,17 +93,17 @@ bool have_tool(const std::string& tool);
 /// Like CLOSEWISE_IN_PRIVATE_NETNS, for load tests that prefer a namespace but
 /// do not need one: where namespaces are unavailable the rest of the test runs
 /// here, on this machine's own loopback, with a note saying so.
-#define CLOSEWISE_IN_PRIVATE_NETNS_IF_POSSIBLE(limit)                                                    \
-  do {                                                                                                   \
-    using closewise_outcome = ::closewise::test::netns_verdict::outcome;                                 \
-    if (!::closewise::test::in_private_netns_child()) {                                                  \
-      const auto closewise_verdict = ::closewise::test::run_current_test_in_private_netns(limit);        \
-      if (closewise_verdict.result == closewise_outcome::passed) return;                                 \
-      if (closewise_verdict.result == closewise_outcome::failed)                                         \
-        FAIL() << "in the private network namespace:\n" << closewise_verdict.reason;                     \
+#define CLOSEWISE_IN_PRIVATE_NETNS_IF_POSSIBLE(limit)                                                       \
+  do {                                                                                                      \
+    using closewise_outcome = ::closewise::test::netns_verdict::outcome;                                    \
+    if (!::closewise::test::in_private_netns_child()) {                                                     \
+      const auto closewise_verdict = ::closewise::test::run_current_test_in_private_netns(limit);           \
+      if (closewise_verdict.result == closewise_outcome::passed) return;                                    \
+      if (closewise_verdict.result == closewise_outcome::failed)                                            \
+        FAIL() << "in the private network namespace:\n" << closewise_verdict.reason;                        \
       if (closewise_verdict.result == closewise_outcome::skipped) GTEST_SKIP() << closewise_verdict.reason; \
       std::printf("note: running on this machine's own loopback (%s)\n", closewise_verdict.reason.c_str()); \
-    } else if (const auto closewise_why = ::closewise::test::prepare_private_netns()) {                  \
-      FAIL() << *closewise_why;                                                                          \
-    }                                                                                                    \
+    } else if (const auto closewise_why = ::closewise::test::prepare_private_netns()) {                     \
+      FAIL() << *closewise_why;                                                                             \
+    }                                                                                                       \
   } while (false)

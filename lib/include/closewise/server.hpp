@@ -80,7 +80,7 @@ struct server_options {
   /// arrives is answered with Connection: close, and the proxy closes the
   /// connection itself after reading the answer. 0: close idle connections at once.
   std::chrono::milliseconds drain_idle_grace{0};
-  std::chrono::milliseconds accept_backoff{100};   ///< pause after EMFILE/ENFILE/ENOBUFS
+  std::chrono::milliseconds accept_backoff{100};  ///< pause after EMFILE/ENFILE/ENOBUFS
   int backlog = 1024;           ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
   bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
   /// SO_REUSEPORT on TCP listeners: several processes share one port, so a

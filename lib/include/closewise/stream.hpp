@@ -103,10 +103,7 @@ struct stream_impl {
 
   template <class... Args>
   explicit stream_impl(stream_options o, Args&&... args)
-      : next(std::forward<Args>(args)...),
-        opts(o),
-        read_watch(next.get_executor()),
-        write_watch(next.get_executor()) {}
+      : next(std::forward<Args>(args)...), opts(o), read_watch(next.get_executor()), write_watch(next.get_executor()) {}
 
   NextLayer next;
   stream_options opts;
