@@ -150,6 +150,16 @@ struct connection_impl {
   bool forced = false;              // reset at the drain deadline
 };
 
+// Bytes the kernel received for the connection that its pending read has
+// not taken yet: a request that arrived as the drain came. The connection is
+// not idle then, and a graceful close would read and discard the request.
+namespace {
+bool input_waiting(connection_impl& c) noexcept {
+  const int fd = c.io.next_layer().is_open() ? static_cast<int>(c.io.next_layer().native_handle()) : -1;
+  return fd >= 0 && probe(fd, probe_unread).unread.value_or(0) > 0;
+}
+}  // namespace
+
 struct server::impl : std::enable_shared_from_this<server::impl> {
   impl(server_options o, session_handler s) : opts(std::move(o)), session(std::move(s)) {
     const unsigned n = opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
@@ -215,20 +225,37 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
   // grace; at the deadline resets the rest. Repeats while connections
   // remain: a session that finishes its exchange after the first pass goes
   // idle later, and an idle one reaches the grace later.
-  void drain_pass(worker& w, clock::time_point deadline) {
+  // A drain's graceful close of the connections that are idle: waiting for
+  // a new exchange, for the grace at least, with no input in the kernel either.
+  void close_idle(worker& w) {
     const auto now = clock::now();
-    const bool force = now >= deadline;
     for (connection_impl* c : w.connections) {
       if (c->io.state().closing()) continue;
-      if (force) {
-        c->forced = true;
-        forced.fetch_add(1, std::memory_order_relaxed);
-        c->io.async_close(close_policy::abortive, [](close_report) {});
-      } else if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
-                 now - c->io.read_pending_since() >= opts.drain_idle_grace) {
+      if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
+          now - c->io.read_pending_since() >= opts.drain_idle_grace && !input_waiting(*c)) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
+    }
+  }
+
+  void drain_pass(worker& w, clock::time_point deadline) {
+    const auto now = clock::now();
+    const bool force = now >= deadline;
+    if (force) {
+      for (connection_impl* c : w.connections) {
+        if (c->io.state().closing()) continue;
+        c->forced = true;
+        forced.fetch_add(1, std::memory_order_relaxed);
+        c->io.async_close(close_policy::abortive, [](close_report) {});
+      }
+    } else {
+      // Decided one turn of the queue later: a read that has completed with
+      // bytes whose handler is queued but has not run yet looks idle now
+      // (read pending, nothing unanswered), and closing it would read and
+      // discard a request the client already sent. Handlers run in order,
+      // so by then it has run and the exchange shows.
+      asio::post(w.ioc, [self = shared_from_this(), &w] { self->close_idle(w); });
     }
     // Connections still waiting for their first byte are idle: they leave
     // the wait (unpark) and close gracefully as server_drain, once they have
