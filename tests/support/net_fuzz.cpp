@@ -103,8 +103,26 @@ client_socket client_socket::connect_to(std::uint16_t port) {
   a.sin_port = htons(port);
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (::connect(fd, reinterpret_cast<const sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return {};
+    // A signal (libFuzzer's -timeout alarm ticks every second) interrupts a
+    // blocking connect without stopping it: the handshake goes on, and its
+    // outcome is read once the socket is writable (connect(2), EINTR).
+    bool connected = false;
+    if (errno == EINTR) {
+      for (int i = 0; i < 2000 && !connected; ++i) {
+        pollfd p{fd, POLLOUT, 0};
+        const int r = ::poll(&p, 1, 1);
+        if (r < 0 && errno != EINTR) break;
+        if (r <= 0) continue;
+        int err = 0;
+        socklen_t len = sizeof err;
+        connected = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0;
+        break;
+      }
+    }
+    if (!connected) {
+      ::close(fd);
+      return {};
+    }
   }
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   return client_socket(fd);
