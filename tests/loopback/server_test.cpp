@@ -360,6 +360,7 @@ TEST(server, sigterm_drains_idle_mid_request_and_mid_response_connections) {
     ASSERT_EQ(::raise(SIGTERM), 0);
 
     EXPECT_TRUE(idle.drain().eof);  // closed gracefully between requests
+    idle.close();                   // as a client does on EOF: the server's lingering close ends here
     ASSERT_EQ(mid_request.send(std::string("\n")), 1);
     std::string body;
     auto d = mid_request.drain(&body);
@@ -372,7 +373,6 @@ TEST(server, sigterm_drains_idle_mid_request_and_mid_response_connections) {
     EXPECT_TRUE(std::string(1, first) + body == pattern(30000000));
     // No new connections once draining.
     EXPECT_LT(connect_to(s.port()).fd(), 0);
-    idle.close();
     mid_request.close();
     mid_response.close();
     EXPECT_TRUE(s.wait_run_returned(5s));
