@@ -87,8 +87,8 @@ enum class session_start : std::uint8_t { serve, ready_timeout, idle_timeout, dr
 
 // An accepted connection waiting for its input (server_options::start_on_input).
 struct parked_connection {
-  parked_connection(socket s, peer_address p, clock::time_point d)
-      : sock(std::move(s)), peer(p), deadline(d), parked_since(clock::now()) {}
+  parked_connection(socket s, peer_address p, clock::time_point since, clock::time_point d)
+      : sock(std::move(s)), peer(p), deadline(d), parked_since(since) {}
   socket sock;
   peer_address peer;
   clock::time_point deadline;                  // idle deadline while silent, ready deadline once input came
@@ -497,8 +497,9 @@ void wait_for_input(const std::shared_ptr<server::impl>& srv, worker& w, parked_
 // Runs on the connection's worker.
 void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_address peer) {
   const auto idle = srv->opts.stream.idle_timeout;
-  const auto deadline = idle.count() > 0 ? clock::now() + idle : clock::time_point::max();
-  w.parked.emplace_back(std::move(s), peer, deadline);
+  const auto now = clock::now();
+  const auto deadline = idle.count() > 0 ? now + idle : clock::time_point::max();
+  w.parked.emplace_back(std::move(s), peer, now, deadline);
   const auto it = std::prev(w.parked.end());
   srv->counters.parked();
   if (srv->draining) {
