@@ -3,7 +3,7 @@
 // connections to in-process echo and HTTP servers; the echo must come back as
 // a prefix of what was sent (all of it after SHUT_WR and EOF), and after every
 // input both servers must be back to no connections, no socket in CLOSE_WAIT
-// or FIN_WAIT2, and the descriptors the process had before
+// or FIN_WAIT2, and the sockets the process had before
 // (tests/support/replay_fuzz_input.hpp). A broken promise prints why and
 // aborts, which libFuzzer saves as a crash input (see fuzz/README.md).
 

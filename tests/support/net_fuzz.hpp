@@ -14,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -132,8 +133,15 @@ struct request_sequence {
 };
 request_sequence parse_requests(std::string_view bytes, std::size_t header_limit);
 
-/// Descriptors open in this process.
-std::size_t open_descriptors();
+/// Descriptors open in this process: number -> what it is (the /proc/self/fd
+/// link; for a TCP socket also its ports and state from /proc/net/tcp).
+std::map<int, std::string> open_descriptors();
+
+/// How many of `fds` are sockets.
+std::size_t count_sockets(const std::map<int, std::string>& fds);
+
+/// The descriptors in `after` that `before` did not have, described.
+std::string new_descriptors(const std::map<int, std::string>& before, const std::map<int, std::string>& after);
 
 /// Server sockets of `port` in CLOSE_WAIT or FIN_WAIT2 (what a server that
 /// forgets to close, or closes without reading its peer's FIN, leaves behind).

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <string_view>
+#include <thread>
 
 #include "echo/session.hpp"
 #include "reqresp/http_session.hpp"
@@ -272,7 +273,7 @@ replay_fuzz_target::replay_fuzz_target(session_handler echo, session_handler htt
       diag_every_(std::max(diag_every, 1u)) {}
 
 std::optional<std::string> replay_fuzz_target::run(const std::uint8_t* data, std::size_t size) {
-  const std::size_t fds_before = open_descriptors();
+  const auto fds_before = open_descriptors();
   const auto script = decode_replay_input(data, size);
   {
     replay_run r(*this, echo_connections_, http_connections_);
@@ -292,9 +293,20 @@ std::optional<std::string> replay_fuzz_target::run(const std::uint8_t* data, std
       if (auto f = stuck_server_sockets(port, std::chrono::milliseconds(500))) return *f;
     }
   }
-  const std::size_t fds_after = open_descriptors();
-  if (fds_after != fds_before) {
-    return "descriptors: " + std::to_string(fds_before) + " before the input, " + std::to_string(fds_after) + " after";
+  // Sockets only: the sanitizers' runtime opens and closes pipes of its own
+  // in any thread (UBSan's vptr check probes memory through a pipe), which a
+  // listing may catch. A closed socket may also take a moment to leave the
+  // table after the server counted it closed: look again for up to 500 ms.
+  const auto settle_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  for (;;) {
+    const auto fds_after = open_descriptors();
+    const std::size_t before = count_sockets(fds_before), after = count_sockets(fds_after);
+    if (before == after) break;
+    if (std::chrono::steady_clock::now() >= settle_end) {
+      return "sockets: " + std::to_string(before) + " before the input, " + std::to_string(after) +
+             " 500 ms after it ended; new descriptors: " + new_descriptors(fds_before, fds_after);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   return std::nullopt;
 }

@@ -13,8 +13,9 @@
 // all of it once the client half-closed and read to EOF; an HTTP connection
 // read to EOF holds complete responses only; after every input both servers
 // have closed every connection, no server socket is left in CLOSE_WAIT or
-// FIN_WAIT2 beyond a settle time, and the process has the descriptors it had
-// before the input.
+// FIN_WAIT2 beyond a settle time, and the process has as many sockets open as
+// it had before the input (within a settle time; sockets only, since the
+// sanitizers' runtime opens pipes of its own in any thread).
 
 #include <cstddef>
 #include <cstdint>
