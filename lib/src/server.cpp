@@ -1,5 +1,6 @@
 #include "closewise/server.hpp"
 
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -383,7 +385,9 @@ namespace {
 
 asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, socket s, peer_address peer,
                                   session_start start, clock::time_point input_since) {
-  stream io(std::move(s), srv->opts.stream);
+  stream_options so = srv->opts.stream;
+  so.no_delay = peer.is_tcp;  // TCP_NODELAY, set before the second write (see stream_options)
+  stream io(std::move(s), so);
   auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
   c->registration = w->connections.insert(w->connections.end(), c.get());
   if (start == session_start::serve || start == session_start::ready_timeout) {
@@ -560,11 +564,51 @@ void arm_park_timer(const std::shared_ptr<server::impl>& srv, worker& w) {
   });
 }
 
+// What Asio keeps about a socket (asio::detail::socket_ops::state_type),
+// reached the way a derived class may: through a pointer to the protected
+// member, applied to the socket.
+struct socket_state_access : socket {
+  static asio::detail::socket_ops::state_type& of(socket& s) noexcept {
+    return (s.*&socket_state_access::impl_).get_implementation().state_;
+  }
+};
+
+// One accept4(2) on the non-blocking listener. The new socket is
+// non-blocking and close-on-exec from the start, and Asio is told so: its own
+// accept marks the socket as a possible dup and leaves it blocking, which
+// costs an FIONBIO before the first operation and an EPOLL_CTL_DEL before the
+// close (a descriptor that is no dup leaves the epoll set when it is closed).
+// Two syscalls of about a dozen per connection.
+error_code accept_one(acceptor_type& a, socket& s, asio::generic::stream_protocol::endpoint& from) {
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  const int fd = ::accept4(static_cast<int>(a.native_handle()), reinterpret_cast<sockaddr*>(&addr), &len,
+                           SOCK_NONBLOCK | SOCK_CLOEXEC);
+  if (fd < 0) return error_code(errno, asio::error::get_system_category());
+  const int protocol = addr.ss_family == AF_UNIX ? 0 : static_cast<int>(IPPROTO_TCP);
+  error_code ec;
+  s.assign(asio::generic::stream_protocol(addr.ss_family, protocol), fd, ec);
+  if (ec) {
+    ::close(fd);
+    return ec;
+  }
+  auto& state = socket_state_access::of(s);
+  state = static_cast<asio::detail::socket_ops::state_type>((state & ~asio::detail::socket_ops::possible_dup) |
+                                                            asio::detail::socket_ops::internal_non_blocking);
+  from.resize(std::min<std::size_t>(len, sizeof addr));
+  std::memcpy(from.data(), &addr, from.size());
+  return {};
+}
+
 asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, acceptor_type* acceptor) {
   auto& home = srv->acceptor_home();
   asio::steady_timer backoff(home.ioc);
   asio::generic::stream_protocol::endpoint from;
   const auto& o = srv->opts;
+  // Accepts in a row without a wait; after a burst the loop lets the
+  // sessions of its thread run, as a completion through the scheduler would.
+  constexpr unsigned max_burst = 16;
+  unsigned burst = 0;
   while (!srv->draining) {
     if (o.overflow == overflow_action::pause_accept && srv->counters.open() >= o.max_connections) {
       srv->paused = true;
@@ -578,10 +622,20 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       co_await srv->slot_free->async_wait(use_tuple);
       continue;
     }
-    worker& target = *srv->workers[srv->next_worker++ % srv->workers.size()];
-    auto [ec, s] = co_await acceptor->async_accept(target.ioc, from, use_tuple);
+    if (!acceptor->is_open()) break;
+    worker& target = *srv->workers[srv->next_worker % srv->workers.size()];
+    socket s(target.ioc);
+    const error_code ec = accept_one(*acceptor, s, from);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      // The backlog is empty: wait for the next connection (a close of the
+      // listener by a drain or a stop ends the wait).
+      burst = 0;
+      const auto [wait_ec] = co_await acceptor->async_wait(asio::socket_base::wait_read, use_tuple);
+      if (wait_ec == asio::error::operation_aborted || !acceptor->is_open()) break;
+      continue;
+    }
+    if (ec == asio::error::interrupted) continue;
     if (ec) {
-      if (ec == asio::error::operation_aborted || !acceptor->is_open()) break;
       const accept_error kind = classify_accept(ec);
       srv->counters.accept_failed(kind);
       if (kind == accept_error::aborted || kind == accept_error::protocol) continue;
@@ -591,6 +645,10 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       co_await backoff.async_wait(use_tuple);
       continue;
     }
+    if (++burst == max_burst) {
+      burst = 0;
+      co_await asio::post(home.ioc, asio::use_awaitable);
+    }
     if (srv->counters.open() >= o.max_connections) {
       // overflow_action::reject: a RST tells the client at once, and costs no TIME_WAIT.
       error_code ignored;
@@ -599,10 +657,9 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       srv->counters.limit_rejected();
       continue;
     }
-    error_code ignored;
-    s.set_option(asio::ip::tcp::no_delay(true), ignored);  // fails harmlessly on Unix sockets
     const peer_address peer = to_peer_address(from);
     srv->counters.accepted();
+    ++srv->next_worker;
     if (!o.start_on_input) {
       asio::co_spawn(target.ioc, run_session(srv, &target, std::move(s), peer, session_start::serve, clock::now()),
                      asio::detached);
@@ -652,6 +709,7 @@ void server::start() {
     if (ep.address().is_v6()) a->set_option(asio::ip::v6_only(true));
     a->bind(gep);
     a->listen(impl_->opts.backlog);
+    a->native_non_blocking(true);  // accept_one must not block
     asio::ip::tcp::endpoint bound;
     const auto local = a->local_endpoint();
     std::memcpy(bound.data(), local.data(), std::min<std::size_t>(local.size(), sizeof(sockaddr_in6)));
@@ -666,6 +724,7 @@ void server::start() {
     a->open(gep.protocol());
     a->bind(gep);
     a->listen(impl_->opts.backlog);
+    a->native_non_blocking(true);
     impl_->unix_files.push_back(path);
     impl_->endpoints.push_back("unix:" + path);
     impl_->acceptors.push_back(std::move(a));

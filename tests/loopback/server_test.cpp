@@ -2,7 +2,10 @@
 // drain, statistics. Servers listen on 127.0.0.1:0 and run on their own
 // threads; clients are raw blocking sockets.
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/resource.h>
 
@@ -710,6 +713,48 @@ TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {
 }
 
 // A Unix stream socket listener serves the same sessions.
+// Accepted with accept4(2): non-blocking from the start. TCP_NODELAY goes on
+// before the second write (a first write never waits for Nagle), so a
+// response after the first on a kept-alive connection is not held back.
+TEST(server, accepted_sockets_are_non_blocking_and_get_no_delay_before_their_second_write) {
+  struct seen {
+    bool non_blocking = false;
+    int no_delay_at_start = -1, after_first_write = -1, after_second_write = -1;
+  };
+  std::promise<seen> result;
+  const auto no_delay = [](int fd) {
+    int v = -1;
+    socklen_t len = sizeof v;
+    return ::getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &v, &len) == 0 ? (v != 0 ? 1 : 0) : -1;
+  };
+  server srv(local_options(), [&](connection& c) -> asio::awaitable<void> {
+    const int fd = static_cast<int>(c.io().next_layer().native_handle());
+    seen s;
+    s.non_blocking = (::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0;
+    s.no_delay_at_start = no_delay(fd);
+    co_await c.write(asio::buffer("a", 1));
+    s.after_first_write = no_delay(fd);
+    co_await c.write(asio::buffer("b", 1));
+    s.after_second_write = no_delay(fd);
+    result.set_value(s);
+  });
+  srv.start();
+  std::thread io([&] { srv.run(); });
+  raw_peer p = connect_to(parse_endpoint(srv.local_endpoints().front()).port());
+  auto f = result.get_future();
+  ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+  const seen s = f.get();
+  EXPECT_TRUE(s.non_blocking);
+  EXPECT_EQ(s.no_delay_at_start, 0);
+  EXPECT_EQ(s.after_first_write, 0);
+  EXPECT_EQ(s.after_second_write, 1);
+  std::string got;
+  p.drain(&got);
+  EXPECT_EQ(got, "ab");
+  srv.stop();
+  io.join();
+}
+
 TEST(server, unix_socket_listener_echoes) {
   const std::string path = "/tmp/closewise-test-" + std::to_string(::getpid()) + ".sock";
   server_options o;

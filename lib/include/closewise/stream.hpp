@@ -16,6 +16,10 @@
 // (a plain close, reported as local_error), and pending operations complete
 // with operation_aborted.
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -87,6 +91,12 @@ struct stream_options {
   std::chrono::milliseconds read_timeout{0};
   /// A write_some that moves no byte for this long fails with timed_out. 0: no limit.
   std::chrono::milliseconds write_timeout{0};
+  /// TCP: set TCP_NODELAY before the second write. A first write never waits
+  /// for Nagle's algorithm (Linux holds a small segment back only while an
+  /// earlier small one is unacknowledged), so a connection that writes one
+  /// response and closes is spared the syscall; the server sets this for its
+  /// TCP connections.
+  bool no_delay = false;
 };
 
 namespace detail {
@@ -109,6 +119,7 @@ struct stream_impl {
   stream_options opts;
   connection_state core;
   std::uint64_t id = next_connection_id();
+  std::uint8_t writes_issued = 0;  // counted up to 2, for opts.no_delay
   // The timers only a teardown or a shutdown waits on, made when one first
   // does: a connection in the middle of its life does not carry them
   // (360 bytes, a third of this state).
@@ -159,6 +170,15 @@ struct stream_impl {
   std::function<void(const close_report&)> on_close;
 
   int fd() noexcept { return next.is_open() ? static_cast<int>(next.native_handle()) : -1; }
+
+  // stream_options::no_delay: the option goes on before the second write.
+  void before_write() noexcept {
+    if (!opts.no_delay || writes_issued > 1) return;
+    if (writes_issued++ == 1) {
+      const int one = 1;
+      ::setsockopt(fd(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+  }
 
   // Feeds one event and performs the actions it yields, in order.
   step feed(const event& e) {
@@ -522,6 +542,7 @@ class basic_stream {
         if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
           slot.assign([sig = &impl->write_cancel](asio::cancellation_type t) { sig->emit(t); });
         }
+        impl->before_write();
         impl->next.async_write_some(buffers, asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
         return;
       }
