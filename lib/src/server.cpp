@@ -98,6 +98,7 @@ struct parked_connection {
   clock::time_point input_since;               // its first byte, as the peeks saw it; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
+  int error = 0;                               // what a peek took from the socket (ECONNRESET), for the session
   std::size_t input_bytes = 0;                 // waiting at the last peek (SO_RCVLOWAT is one more)
 };
 using parked_list = std::list<parked_connection>;
@@ -384,10 +385,11 @@ asio::awaitable<close_report> connection::close(close_policy p) {
 namespace {
 
 asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, socket s, peer_address peer,
-                                  session_start start, clock::time_point input_since) {
+                                  session_start start, clock::time_point input_since, int socket_error = 0) {
   stream_options so = srv->opts.stream;
   so.no_delay = peer.is_tcp;  // TCP_NODELAY, set before the second write (see stream_options)
   stream io(std::move(s), so);
+  if (socket_error != 0) io.note_socket_error(error_code(socket_error, asio::error::get_system_category()));
   auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
   c->registration = w->connections.insert(w->connections.end(), c.get());
   if (start == session_start::serve || start == session_start::ready_timeout) {
@@ -430,6 +432,7 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
   socket s = std::move(it->sock);
   const peer_address peer = it->peer;
   const session_start start = it->start;
+  const int error = it->error;
   const clock::time_point since = it->has_input ? it->input_since : clock::now();
   if (it->input_bytes > 0) {
     // The session's reads must wake for every byte again.
@@ -438,7 +441,7 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
   }
   (it->has_input ? w.partial : w.parked).erase(it);
   srv->counters.unparked();
-  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since), asio::detached);
+  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since, error), asio::detached);
 }
 
 // How many bytes wait in the kernel while not enough for the session to
@@ -453,6 +456,9 @@ std::optional<std::size_t> incomplete_input(const server::impl& srv, worker& w, 
   const int fd = static_cast<int>(p.sock.native_handle());
   const ssize_t n = ::recv(fd, w.peek_buffer.get(), o.peek_bytes, MSG_PEEK | MSG_DONTWAIT);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return p.input_bytes;  // nothing new
+  // A reset with nothing queued: the peek took the socket's pending error,
+  // and a read after it would see EOF. The session's first read gets it.
+  if (n < 0) p.error = errno;
   if (n <= 0 || static_cast<std::size_t>(n) >= o.peek_bytes) return std::nullopt;
   // Readable with no byte more than SO_RCVLOWAT asked for: a FIN (or a RST)
   // behind the bytes. The session meets it.

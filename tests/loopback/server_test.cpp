@@ -592,6 +592,31 @@ TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it
   EXPECT_TRUE(p.drain().eof);
 }
 
+// A client that resets before its first byte: the peek that looked for input
+// took the socket's ECONNRESET (after it the socket reads as EOF); the close
+// report must still say reset, not FIN.
+TEST(server_start_on_input, a_reset_seen_by_the_peek_is_reported_as_a_reset) {
+  sessions_started = 0;
+  auto o = on_input_options(1);
+  o.input_ready = has_newline;
+  running_server s(o, counted_echo_session);
+  auto silent = connect_to(s.port());
+  auto partial = connect_to(s.port());
+  ASSERT_EQ(partial.send(std::string("abc")), 3);
+  ASSERT_TRUE(wait_accepted(s, 2));
+  for (int i = 0; i < 5000 && s.get().stats().snapshot().waiting_for_input < 2; ++i) std::this_thread::sleep_for(1ms);
+  silent.reset();
+  partial.reset();
+  ASSERT_TRUE(s.wait_closed(2));
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_idle)] +
+                snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_reset_mid_exchange)],
+            2u);
+  EXPECT_EQ(snap.rst_received, 2u);
+  EXPECT_EQ(snap.fin_first_peer, 0u);
+  EXPECT_EQ(snap.time_wait_peer + snap.time_wait_local, 0u);
+}
+
 std::atomic<long long> waited_before_session_ms{-1};
 
 asio::awaitable<void> timing_echo_session(connection& c) {

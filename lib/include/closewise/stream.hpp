@@ -120,6 +120,7 @@ struct stream_impl {
   connection_state core;
   std::uint64_t id = next_connection_id();
   std::uint8_t writes_issued = 0;  // counted up to 2, for opts.no_delay
+  error_code pending_read_error;   // note_socket_error: what the next read completes with
   // The timers only a teardown or a shutdown waits on, made when one first
   // does: a connection in the middle of its life does not carry them
   // (360 bytes, a third of this state).
@@ -425,6 +426,12 @@ class basic_stream {
   /// report carries it as it would one of the stream's own timeouts.
   void note_timeout(timeout_kind k) noexcept { impl_->timed_out = k; }
 
+  /// Hands the stream an error its socket reported to someone else first: a
+  /// peek before the stream's first read takes the pending ECONNRESET, after
+  /// which the socket reads as EOF. The next read completes with it, as if
+  /// the socket had reported it there.
+  void note_socket_error(const error_code& ec) noexcept { impl_->pending_read_error = ec; }
+
   /// The close report, once the connection finished (by async_close, by the
   /// peer's reset, or by both FINs crossing).
   const std::optional<close_report>& report() const noexcept { return impl_->report; }
@@ -505,6 +512,10 @@ class basic_stream {
           // signal, which async_close also uses to take over the read side.
           if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
             slot.assign([sig = &impl->read_cancel](asio::cancellation_type t) { sig->emit(t); });
+          }
+          if (impl->pending_read_error) {
+            asio::post(asio::append(std::move(self), std::exchange(impl->pending_read_error, {}), std::size_t{0}));
+            return;
           }
           impl->next.async_read_some(buffers, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
           return;
