@@ -303,7 +303,7 @@ request_sequence parse_requests(std::string_view bytes, std::size_t header_limit
 
 namespace {
 
-// "127.0.0.1:port -> port STATE" for a TCP socket's inode, from /proc/net/tcp.
+// " (TCP port LOCAL -> REMOTE, STATE)" for an IPv4 TCP socket's inode, from /proc/net/tcp.
 std::string tcp_socket_by_inode(std::string_view inode) {
   static constexpr std::array<std::string_view, 12> states{"?",          "ESTABLISHED", "SYN_SENT",  "SYN_RECV",
                                                            "FIN_WAIT1",  "FIN_WAIT2",   "TIME_WAIT", "CLOSE",

@@ -295,8 +295,9 @@ std::optional<std::string> replay_fuzz_target::run(const std::uint8_t* data, std
   }
   // Sockets only: the sanitizers' runtime opens and closes pipes of its own
   // in any thread (UBSan's vptr check probes memory through a pipe), which a
-  // listing may catch. A closed socket may also take a moment to leave the
-  // table after the server counted it closed: look again for up to 500 ms.
+  // listing may catch. The server's counters are read without a lock, so a
+  // socket accepted or closed just now may be counted a moment before its
+  // descriptor shows it: look again for up to 500 ms.
   const auto settle_end = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
   for (;;) {
     const auto fds_after = open_descriptors();
