@@ -153,16 +153,6 @@ struct connection_impl {
   bool forced = false;              // reset at the drain deadline
 };
 
-// Bytes the kernel received for the connection that its pending read has
-// not taken yet: a request that arrived as the drain came. The connection is
-// not idle then, and a graceful close would read and discard the request.
-namespace {
-bool input_waiting(connection_impl& c) noexcept {
-  const int fd = c.io.next_layer().is_open() ? static_cast<int>(c.io.next_layer().native_handle()) : -1;
-  return fd >= 0 && probe(fd, probe_unread).unread.value_or(0) > 0;
-}
-}  // namespace
-
 struct server::impl : std::enable_shared_from_this<server::impl> {
   impl(server_options o, session_handler s) : opts(std::move(o)), session(std::move(s)) {
     const unsigned n = opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency());
@@ -224,10 +214,6 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
     }
   }
 
-  // Closes idle connections gracefully once they have been idle for the
-  // grace; at the deadline resets the rest. Repeats while connections
-  // remain: a session that finishes its exchange after the first pass goes
-  // idle later, and an idle one reaches the grace later.
   // A drain's graceful close of the connections that are idle: waiting for
   // a new exchange, for the grace at least, with no input in the kernel either.
   void close_idle(worker& w) {
@@ -235,13 +221,20 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
     for (connection_impl* c : w.connections) {
       if (c->io.state().closing()) continue;
       if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
-          now - c->io.read_pending_since() >= opts.drain_idle_grace && !input_waiting(*c)) {
+          now - c->io.read_pending_since() >= opts.drain_idle_grace &&
+          // Bytes its pending read has not taken yet: a request that came as
+          // the drain did; a graceful close would read and discard it.
+          c->io.probe(probe_unread).unread.value_or(0) == 0) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
     }
   }
 
+  // Closes idle connections gracefully once they have been idle for the
+  // grace; at the deadline resets the rest. Repeats while connections
+  // remain: a session that finishes its exchange after the first pass goes
+  // idle later, and an idle one reaches the grace later.
   void drain_pass(worker& w, clock::time_point deadline) {
     const auto now = clock::now();
     const bool force = now >= deadline;

@@ -13,11 +13,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../support/descriptors.hpp"
 #include "closewise/version.hpp"
 #include "echo_support.hpp"
 
 using namespace closewise;
 using namespace closewise::echo::test;
+using closewise::test::count_sockets;
+using closewise::test::open_descriptors;
 using namespace std::chrono_literals;
 
 namespace {
@@ -36,7 +39,7 @@ class echo_binary_test : public ::testing::Test {
 // pipe of its own when it first probes memory, at a moment of its choosing.
 bool wait_fd_count(pid_t pid, std::size_t n, std::chrono::milliseconds limit = 10s) {
   const auto end = std::chrono::steady_clock::now() + limit;
-  while (socket_fd_count(pid) != n) {
+  while (count_sockets(open_descriptors(pid)) != n) {
     if (std::chrono::steady_clock::now() > end) return false;
     std::this_thread::sleep_for(5ms);  // polling another process's state, bounded
   }
@@ -87,7 +90,7 @@ TEST_F(echo_binary_test, nc_pipes_a_file_through_and_gets_it_back_identical) {
   if (nc.empty()) GTEST_SKIP() << "nc (netcat-openbsd, with -N) is not installed; scripts/deps.sh test installs it";
   piped_file f(scaled(8u << 20, 1u << 20));
   echo_process srv({"--listen", "127.0.0.1:0", "--threads", "1"});
-  const std::size_t fds = socket_fd_count(srv.proc.pid());
+  const std::size_t fds = count_sockets(open_descriptors(srv.proc.pid()));
   pipe_through({nc, "-N", "127.0.0.1", std::to_string(srv.port())}, f);
   EXPECT_TRUE(wait_fd_count(srv.proc.pid(), fds)) << "the server kept a connection's descriptor";
   expect_no_half_closed_leftovers(srv.port());
@@ -99,7 +102,7 @@ TEST_F(echo_binary_test, socat_pipes_a_file_through_and_gets_it_back_identical) 
   if (socat.empty()) GTEST_SKIP() << "socat is not installed; scripts/deps.sh test installs it";
   piped_file f(scaled(8u << 20, 1u << 20));
   echo_process srv({"--listen", "127.0.0.1:0", "--threads", "1"});
-  const std::size_t fds = socket_fd_count(srv.proc.pid());
+  const std::size_t fds = count_sockets(open_descriptors(srv.proc.pid()));
   // -t: after stdin's EOF (our half-close) keep receiving for up to 60 s;
   // socat's default of 0.5 s would cut a slow echo short.
   pipe_through({socat, "-t", "60", "-", "TCP:127.0.0.1:" + std::to_string(srv.port())}, f);
@@ -113,7 +116,7 @@ TEST_F(echo_binary_test, unix_listener_echoes_a_file_for_nc_and_for_the_client_m
   const std::string path = dir.file("echo.sock");
   echo_process srv({"--unix", path, "--threads", "1"});
   ASSERT_EQ(srv.endpoints.front(), "unix:" + path);
-  const std::size_t fds = socket_fd_count(srv.proc.pid());
+  const std::size_t fds = count_sockets(open_descriptors(srv.proc.pid()));
 
   child client(
       {echo_binary(), "--client", "unix:" + path, "--bytes", std::to_string(scaled(4u << 20, 1u << 20)), "--json"});
@@ -138,7 +141,7 @@ TEST_F(echo_binary_test, unix_listener_echoes_a_file_for_nc_and_for_the_client_m
 // The client mode against the server: exit 0 and a match; --file too.
 TEST_F(echo_binary_test, client_mode_reports_matching_digests) {
   echo_process srv({"--listen", "127.0.0.1:0", "--threads", "2"});
-  const std::size_t fds = socket_fd_count(srv.proc.pid());
+  const std::size_t fds = count_sockets(open_descriptors(srv.proc.pid()));
   const std::string target = "127.0.0.1:" + std::to_string(srv.port());
   {
     child client({echo_binary(), "--client", target, "--bytes", std::to_string(scaled(20'000'000, 1'000'000)), "--seed",

@@ -22,7 +22,6 @@
 #include <filesystem>
 #include <random>
 #include <stdexcept>
-#include <string_view>
 
 #include "closewise/sock_diag.hpp"
 #include "echo/client.hpp"
@@ -242,21 +241,6 @@ std::size_t fd_count(pid_t pid) {
   if (DIR* d = ::opendir(dir.c_str())) {
     while (const dirent* e = ::readdir(d)) {
       if (e->d_name[0] != '.') ++n;
-    }
-    ::closedir(d);
-  }
-  return n;
-}
-
-std::size_t socket_fd_count(pid_t pid) {
-  const std::string dir = pid > 0 ? "/proc/" + std::to_string(pid) + "/fd" : "/proc/self/fd";
-  std::size_t n = 0;
-  if (DIR* d = ::opendir(dir.c_str())) {
-    while (const dirent* e = ::readdir(d)) {
-      if (e->d_name[0] == '.') continue;
-      char target[64];
-      const ssize_t len = ::readlink((dir + "/" + e->d_name).c_str(), target, sizeof target - 1);
-      if (len > 0 && std::string_view(target, static_cast<std::size_t>(len)).starts_with("socket:")) ++n;
     }
     ::closedir(d);
   }

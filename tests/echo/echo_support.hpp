@@ -93,9 +93,6 @@ void expect_no_half_closed_leftovers(std::uint16_t port);
 
 /// Descriptors open in process `pid` (0: this one).
 std::size_t fd_count(pid_t pid = 0);
-/// Sockets among them: what a server's connections hold (a sanitizer's
-/// runtime may open a pipe of its own at any time; UBSan does).
-std::size_t socket_fd_count(pid_t pid = 0);
 /// Resident set size of this process, bytes.
 std::uint64_t rss_bytes();
 

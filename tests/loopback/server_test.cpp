@@ -562,6 +562,21 @@ TEST(server_start_on_input, a_drain_closes_silent_peers_gracefully_as_server_dra
 
 bool has_newline(std::string_view waiting) { return waiting.find('\n') != std::string_view::npos; }
 
+// Sessions start once a newline is waiting.
+server_options ready_at_newline(unsigned threads) {
+  auto o = on_input_options(threads);
+  o.input_ready = has_newline;
+  return o;
+}
+
+// A silent client and one that sent "abc" (no newline: not ready), both accepted.
+void connect_silent_and_partial(running_server& s, raw_peer& silent, raw_peer& partial) {
+  silent = connect_to(s.port());
+  partial = connect_to(s.port());
+  ASSERT_EQ(partial.send(std::string("abc")), 3);
+  ASSERT_TRUE(wait_accepted(s, 2));
+}
+
 // Whether a byte arrives within `limit` (a bounded negative check).
 bool readable_within(raw_peer& p, std::chrono::milliseconds limit) {
   pollfd pfd{p.fd(), POLLIN, 0};
@@ -570,9 +585,7 @@ bool readable_within(raw_peer& p, std::chrono::milliseconds limit) {
 
 TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it_is) {
   sessions_started = 0;
-  auto o = on_input_options(2);
-  o.input_ready = has_newline;
-  running_server s(o, counted_echo_session);
+  running_server s(ready_at_newline(2), counted_echo_session);
   auto p = connect_to(s.port());
   ASSERT_EQ(p.send(std::string("abc")), 3);
   // An echo session that had started would answer at once.
@@ -597,13 +610,9 @@ TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it
 // report must still say reset, not FIN.
 TEST(server_start_on_input, a_reset_seen_by_the_peek_is_reported_as_a_reset) {
   sessions_started = 0;
-  auto o = on_input_options(1);
-  o.input_ready = has_newline;
-  running_server s(o, counted_echo_session);
-  auto silent = connect_to(s.port());
-  auto partial = connect_to(s.port());
-  ASSERT_EQ(partial.send(std::string("abc")), 3);
-  ASSERT_TRUE(wait_accepted(s, 2));
+  running_server s(ready_at_newline(1), counted_echo_session);
+  raw_peer silent, partial;
+  ASSERT_NO_FATAL_FAILURE(connect_silent_and_partial(s, silent, partial));
   for (int i = 0; i < 5000 && s.get().stats().snapshot().waiting_for_input < 2; ++i) std::this_thread::sleep_for(1ms);
   silent.reset();
   partial.reset();
@@ -627,8 +636,7 @@ asio::awaitable<void> timing_echo_session(connection& c) {
 
 TEST(server_start_on_input, input_never_ready_starts_its_session_at_the_ready_timeout) {
   waited_before_session_ms = -1;
-  auto o = on_input_options(1);
-  o.input_ready = has_newline;
+  auto o = ready_at_newline(1);
   o.ready_timeout = 200ms;
   running_server s(o, timing_echo_session);
   auto p = connect_to(s.port());
@@ -644,13 +652,9 @@ TEST(server_start_on_input, input_never_ready_starts_its_session_at_the_ready_ti
 
 TEST(server_start_on_input, a_drain_serves_input_that_was_not_ready_and_closes_silent_peers) {
   sessions_started = 0;
-  auto o = on_input_options(1);
-  o.input_ready = has_newline;
-  running_server s(o, counted_echo_session);
-  auto partial = connect_to(s.port());
-  auto silent = connect_to(s.port());
-  ASSERT_EQ(partial.send(std::string("abc")), 3);
-  ASSERT_TRUE(wait_accepted(s, 2));
+  running_server s(ready_at_newline(1), counted_echo_session);
+  raw_peer silent, partial;
+  ASSERT_NO_FATAL_FAILURE(connect_silent_and_partial(s, silent, partial));
   EXPECT_FALSE(readable_within(partial, 100ms));
   s.get().drain();
   std::string got;

@@ -14,7 +14,6 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -23,6 +22,7 @@
 #include <vector>
 
 #include "closewise/server.hpp"
+#include "descriptors.hpp"
 
 namespace closewise::test {
 
@@ -132,16 +132,6 @@ struct request_sequence {
   std::size_t complete = 0;  ///< requests parsed completely
 };
 request_sequence parse_requests(std::string_view bytes, std::size_t header_limit);
-
-/// Descriptors open in this process: number -> what it is (the /proc/self/fd
-/// link; for a TCP socket also its ports and state from /proc/net/tcp).
-std::map<int, std::string> open_descriptors();
-
-/// How many of `fds` are sockets.
-std::size_t count_sockets(const std::map<int, std::string>& fds);
-
-/// The descriptors in `after` that `before` did not have, described.
-std::string new_descriptors(const std::map<int, std::string>& before, const std::map<int, std::string>& after);
 
 /// Server sockets of `port` in CLOSE_WAIT or FIN_WAIT2 (what a server that
 /// forgets to close, or closes without reading its peer's FIN, leaves behind).

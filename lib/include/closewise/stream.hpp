@@ -301,7 +301,8 @@ struct stream_impl {
   }
 
   // Starts the clock of an application operation in one direction.
-  void start_watch(std::shared_ptr<stream_impl> self, bool reading) {
+  // `now`: the caller's clock reading, if it has one (else read here when a limit applies).
+  void start_watch(std::shared_ptr<stream_impl> self, bool reading, clock::time_point now = {}) {
     watch& w = reading ? read_w : write_w;
     std::chrono::milliseconds limit = opts.write_timeout;
     w.kind = timeout_kind::write;
@@ -314,7 +315,8 @@ struct stream_impl {
       w.kind = idle ? timeout_kind::idle : timeout_kind::read;
     }
     w.fired = false;
-    w.deadline = limit.count() > 0 ? clock::now() + limit : clock::time_point::max();
+    if (limit.count() > 0 && now == clock::time_point{}) now = clock::now();
+    w.deadline = limit.count() > 0 ? now + limit : clock::time_point::max();
     if (w.deadline != clock::time_point::max()) arm_watch(std::move(self), reading);
   }
 
@@ -413,8 +415,8 @@ class basic_stream {
   /// When the read in flight began (meaningful while `read_pending()`).
   std::chrono::steady_clock::time_point read_pending_since() const noexcept { return impl_->app_read_started; }
 
-  /// The kernel's view now: TCP state, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD.
-  socket_probe probe() const noexcept { return closewise::probe(impl_->fd()); }
+  /// The kernel's view now: TCP state, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD (those in `fields`).
+  socket_probe probe(unsigned fields = probe_all) const noexcept { return closewise::probe(impl_->fd(), fields); }
 
   /// The application declares that the requester has everything it asked
   /// for (e.g. the whole response was written). rst_if_safe needs this.
@@ -507,7 +509,7 @@ class basic_stream {
           stage = reading;
           impl->app_read_in_flight = true;
           impl->app_read_started = std::chrono::steady_clock::now();
-          impl->start_watch(impl, true);
+          impl->start_watch(impl, true, impl->app_read_started);
           // The caller's cancellation reaches the socket through our own
           // signal, which async_close also uses to take over the read side.
           if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
