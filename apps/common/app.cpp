@@ -62,6 +62,9 @@ void server_flags::add_to(CLI::App& cli) {
       ->capture_default_str();
   cli.add_flag("--reuse-port", reuse_port,
                "SO_REUSEPORT: share the port with other processes (zero-downtime restarts)");
+  cli.add_flag("--final-state", final_state,
+               "Read each connection's TCP state just before its close (TCP_INFO, one syscall per connection) for "
+               "the close report's final_state, which is otherwise 'unknown'");
   cli.add_flag("--stats", print_stats, "Print the teardown statistics on exit (stdout)");
   cli.add_option("--stats-format", stats_format, "Format of --stats")
       ->check(CLI::IsMember({"json", "prometheus"}))
@@ -87,6 +90,7 @@ server_options server_flags::to_options() const {
   o.stream.idle_timeout = seconds(idle_timeout_s);
   o.stream.read_timeout = seconds(read_timeout_s);
   o.stream.write_timeout = seconds(write_timeout_s);
+  o.stream.probe_final_state = final_state;
   o.drain_timeout = seconds(drain_timeout_s);
   o.drain_idle_grace = seconds(drain_idle_grace_s);
   o.max_connections = max_connections;

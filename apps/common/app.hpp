@@ -38,6 +38,7 @@ struct server_flags {
   std::size_t max_connections = 10000;
   std::string overflow = "pause";
   bool reuse_port = false;
+  bool final_state = false;
   bool print_stats = false;
   std::string stats_format = "json";
 

@@ -442,7 +442,7 @@ void configure_server(server_options& so, const http_options& ho) {
     so.input_ready = header_complete;
     so.ready_timeout = ho.request_timeout;
     // A header over the limit is the session's to refuse (431).
-    so.peek_bytes = ho.max_header_bytes + 1;
+    so.input_limit = ho.max_header_bytes + 1;
   }
 }
 

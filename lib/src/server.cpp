@@ -95,11 +95,11 @@ struct parked_connection {
   peer_address peer;
   clock::time_point deadline;                  // idle deadline while silent, ready deadline once input came
   clock::time_point parked_since;              // accepted: how long a silent one has waited (drain_idle_grace)
-  clock::time_point input_since;               // its first byte, as the peeks saw it; unset while silent
+  clock::time_point input_since;               // its first byte arrived; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
-  int error = 0;                               // what a peek took from the socket (ECONNRESET), for the session
-  std::size_t input_bytes = 0;                 // waiting at the last peek (SO_RCVLOWAT is one more)
+  int error = 0;                               // what a read met (ECONNRESET), for the session
+  std::string input;                           // read so far, for the session's stream (basic_stream::preload)
 };
 using parked_list = std::list<parked_connection>;
 
@@ -119,7 +119,7 @@ struct worker {
   parked_list partial;
   asio::steady_timer park_timer{ioc};
   clock::time_point park_timer_at = clock::time_point::max();  // max: not armed
-  std::unique_ptr<char[]> peek_buffer;                         // server_options::peek_bytes, shared by all
+  std::unique_ptr<char[]> read_buffer;                         // server_options::input_limit, shared by all
 };
 
 struct connection_impl {
@@ -378,10 +378,13 @@ asio::awaitable<close_report> connection::close(close_policy p) {
 namespace {
 
 asio::awaitable<void> run_session(std::shared_ptr<server::impl> srv, worker* w, socket s, peer_address peer,
-                                  session_start start, clock::time_point input_since, int socket_error = 0) {
+                                  session_start start, clock::time_point input_since, std::string input = {},
+                                  int socket_error = 0) {
   stream_options so = srv->opts.stream;
   so.no_delay = peer.is_tcp;  // TCP_NODELAY, set before the second write (see stream_options)
+  so.probe_final_state = so.probe_final_state && peer.is_tcp;
   stream io(std::move(s), so);
+  if (!input.empty()) io.preload(std::move(input));
   if (socket_error != 0) io.note_socket_error(error_code(socket_error, asio::error::get_system_category()));
   auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
   c->registration = w->connections.insert(w->connections.end(), c.get());
@@ -427,57 +430,45 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
   const session_start start = it->start;
   const int error = it->error;
   const clock::time_point since = it->has_input ? it->input_since : clock::now();
-  if (it->input_bytes > 0) {
-    // The session's reads must wake for every byte again.
-    const int one = 1;
-    ::setsockopt(static_cast<int>(s.native_handle()), SOL_SOCKET, SO_RCVLOWAT, &one, sizeof(one));
-  }
+  std::string input = std::move(it->input);
   (it->has_input ? w.partial : w.parked).erase(it);
   srv->counters.unparked();
-  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since, error), asio::detached);
+  asio::co_spawn(w.ioc, run_session(srv, &w, std::move(s), peer, start, since, std::move(input), error),
+                 asio::detached);
 }
 
-// How many bytes wait in the kernel while not enough for the session to
-// start (server_options::input_ready), or nothing once they are (or once a
-// FIN, a RST, an error or a full window is the session's to meet). Peeked,
-// not read: until the session starts they cost the process nothing.
-std::optional<std::size_t> incomplete_input(const server::impl& srv, worker& w, parked_connection& p) {
+// Reads what a waking parked connection has (server_options::input_limit
+// in all) and says whether it must wait for more: its input is not ready
+// (server_options::input_ready), and no FIN, reset, error or full limit makes
+// it the session's to meet. The bytes are read, not peeked: the kernel frees
+// the buffers that held them (several times their size), the socket stops
+// being readable until more come, and the session's first read costs no
+// syscall (they reach it through basic_stream::preload).
+bool needs_more_input(const server::impl& srv, worker& w, parked_connection& p) {
   const auto& o = srv.opts;
-  // Unix sockets ignore SO_RCVLOWAT in poll: their first byte starts the session.
-  if (!o.input_ready || o.peek_bytes == 0 || !p.peer.is_tcp) return std::nullopt;
-  if (!w.peek_buffer) w.peek_buffer = std::make_unique_for_overwrite<char[]>(o.peek_bytes);
+  if (o.input_limit == 0 || p.input.size() >= o.input_limit) return false;
+  if (!w.read_buffer) w.read_buffer = std::make_unique_for_overwrite<char[]>(o.input_limit);
   const int fd = static_cast<int>(p.sock.native_handle());
-  const ssize_t n = ::recv(fd, w.peek_buffer.get(), o.peek_bytes, MSG_PEEK | MSG_DONTWAIT);
-  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return p.input_bytes;  // nothing new
-  // A reset with nothing queued: the peek took the socket's pending error,
+  const ssize_t n = ::recv(fd, w.read_buffer.get(), o.input_limit - p.input.size(), MSG_DONTWAIT);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return true;  // woken for nothing
+  // A reset with nothing queued: this read took the socket's pending error,
   // and a read after it would see EOF. The session's first read gets it.
   if (n < 0) p.error = errno;
-  if (n <= 0 || static_cast<std::size_t>(n) >= o.peek_bytes) return std::nullopt;
-  // Readable with no byte more than SO_RCVLOWAT asked for: a FIN (or a RST)
-  // behind the bytes. The session meets it.
-  if (static_cast<std::size_t>(n) == p.input_bytes) return std::nullopt;
-  if (o.input_ready(std::string_view(w.peek_buffer.get(), static_cast<std::size_t>(n)))) return std::nullopt;
-  return static_cast<std::size_t>(n);
+  if (n <= 0) return false;  // a FIN (or an error) after the input: the session meets it
+  p.input.append(w.read_buffer.get(), static_cast<std::size_t>(n));
+  if (!o.input_ready || p.input.size() >= o.input_limit) return false;
+  return !o.input_ready(p.input);
 }
 
 // The wait of a parked connection ended. Input, FIN and RST all make a
 // socket readable; an error of the wait itself is left to the session.
 // Returns whether it is still parked.
 bool on_readable(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it) {
-  const auto waiting = it->start == session_start::serve ? incomplete_input(*srv, w, *it) : std::nullopt;
-  if (!waiting) {
+  if (it->start != session_start::serve || !needs_more_input(*srv, w, *it)) {
     unpark(srv, w, it);
     return false;
   }
-  if (*waiting != it->input_bytes) {
-    // The bytes stay queued, so the socket stays readable: a new wait would
-    // complete at once, for ever. Readable now means "more than these".
-    // (Linux's tcp_poll honours SO_RCVLOWAT; a FIN or RST still wakes it.)
-    it->input_bytes = *waiting;
-    const int lowat = static_cast<int>(*waiting + 1);
-    ::setsockopt(static_cast<int>(it->sock.native_handle()), SOL_SOCKET, SO_RCVLOWAT, &lowat, sizeof(lowat));
-  }
-  if (!it->has_input && it->input_bytes > 0) {
+  if (!it->has_input && !it->input.empty()) {
     // Its first byte: from now on the ready timeout bounds the wait.
     const auto now = clock::now();
     it->has_input = true;
@@ -516,7 +507,7 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
     asio::post(w.ioc,
                [srv, w = &w] { srv->drain_pass(*w, clock::time_point(clock::duration(srv->drain_deadline.load()))); });
   }
-  if (srv->opts.input_ready && srv->opts.peek_bytes > 0 && peer.is_tcp) {
+  if (srv->opts.input_limit > 0) {
     // A client that sent its request with the handshake has it waiting
     // already: no wait, no wake-up, the session starts now.
     if (!on_readable(srv, w, it) || it->has_input) return;

@@ -583,7 +583,7 @@ bool readable_within(raw_peer& p, std::chrono::milliseconds limit) {
   return ::poll(&pfd, 1, static_cast<int>(limit.count())) > 0;
 }
 
-TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it_is) {
+TEST(server_start_on_input, input_that_is_not_ready_waits_parked_until_it_is) {
   sessions_started = 0;
   running_server s(ready_at_newline(2), counted_echo_session);
   auto p = connect_to(s.port());
@@ -599,16 +599,40 @@ TEST(server_start_on_input, input_that_is_not_ready_waits_in_the_kernel_until_it
     ASSERT_GT(r, 0);
     have += static_cast<std::size_t>(r);
   }
-  EXPECT_EQ(got, "abc\n");  // nothing was consumed by the peeks
+  EXPECT_EQ(got, "abc\n");  // what was read while parked reached the session, in order
   EXPECT_EQ(sessions_started.load(), 1);
   p.shutdown_write();
   EXPECT_TRUE(p.drain().eof);
 }
 
-// A client that resets before its first byte: the peek that looked for input
+// A request with the client's FIN right behind it (a client that half-closes
+// after asking): the parked read takes the bytes and leaves the FIN queued;
+// the session answers, reads the FIN and closes at once, not at a timeout.
+TEST(server_start_on_input, input_with_the_fin_behind_it_is_answered_and_closed_at_once) {
+  sessions_started = 0;
+  auto o = ready_at_newline(1);
+  o.stream.linger_timeout = 10s;
+  running_server s(o, counted_echo_session);
+  for (int i = 0; i < 20; ++i) {
+    auto p = connect_to(s.port());
+    ASSERT_EQ(p.send(std::string("ping\n")), 5);
+    p.shutdown_write();
+    std::string got;
+    const auto started = std::chrono::steady_clock::now();
+    EXPECT_TRUE(p.drain(&got).eof);
+    EXPECT_LT(std::chrono::steady_clock::now() - started, 5s);  // the linger timeout is 10 s
+    EXPECT_EQ(got, "ping\n");
+  }
+  ASSERT_TRUE(s.wait_closed(20));
+  EXPECT_EQ(sessions_started.load(), 20);
+  const auto snap = s.get().stats().snapshot();
+  EXPECT_EQ(snap.closed_by_cause[static_cast<std::size_t>(close_cause::peer_fin_then_ours)], 20u);
+}
+
+// A client that resets before its first byte: the read that looked for input
 // took the socket's ECONNRESET (after it the socket reads as EOF); the close
 // report must still say reset, not FIN.
-TEST(server_start_on_input, a_reset_seen_by_the_peek_is_reported_as_a_reset) {
+TEST(server_start_on_input, a_reset_seen_while_parked_is_reported_as_a_reset) {
   sessions_started = 0;
   running_server s(ready_at_newline(1), counted_echo_session);
   raw_peer silent, partial;
@@ -741,7 +765,6 @@ TEST(server, every_connection_gets_exactly_one_report_under_random_peers) {
   expect_no_half_closed_leftovers(port);
 }
 
-// A Unix stream socket listener serves the same sessions.
 // Accepted with accept4(2): non-blocking from the start. TCP_NODELAY goes on
 // before the second write (a first write never waits for Nagle), so a
 // response after the first on a kept-alive connection is not held back.
@@ -784,6 +807,7 @@ TEST(server, accepted_sockets_are_non_blocking_and_get_no_delay_before_their_sec
   io.join();
 }
 
+// A Unix stream socket listener serves the same sessions.
 TEST(server, unix_socket_listener_echoes) {
   const std::string path = "/tmp/closewise-test-" + std::to_string(::getpid()) + ".sock";
   server_options o;
@@ -812,6 +836,33 @@ TEST(server, unix_socket_listener_echoes) {
   EXPECT_EQ(srv.stats().snapshot().closed_by_cause[static_cast<std::size_t>(close_cause::peer_fin_then_ours)], 1u);
   srv.stop();
   io.join();
+}
+
+// input_ready on a Unix socket: the bytes read while parked make the socket
+// unreadable until more come, so a wait for the rest of the input works there
+// as on TCP (SO_RCVLOWAT, which Unix sockets ignore, plays no part).
+TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
+  sessions_started = 0;
+  const std::string path = "/tmp/closewise-test-ready-" + std::to_string(::getpid()) + ".sock";
+  auto o = ready_at_newline(1);
+  o.listen.clear();
+  o.unix_paths = {path};
+  running_server s(o, counted_echo_session);
+  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
+  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(p.send(std::string("abc")), 3);
+  EXPECT_FALSE(readable_within(p, 200ms));
+  EXPECT_EQ(sessions_started.load(), 0);
+  EXPECT_EQ(s.get().stats().snapshot().waiting_for_input, 1u);
+  ASSERT_EQ(p.send(std::string("\n")), 1);
+  p.shutdown_write();
+  std::string got;
+  EXPECT_TRUE(p.drain(&got).eof);
+  EXPECT_EQ(got, "abc\n");
+  EXPECT_EQ(sessions_started.load(), 1);
 }
 
 TEST(stats, json_and_prometheus_carry_every_counter) {

@@ -245,6 +245,84 @@ TEST_P(stream_test, graceful_close_leaves_time_wait_with_the_first_fin) {
   EXPECT_EQ(time_wait_count(factory_->port(), peer_port), 1u);
 }
 
+// The final TCP state is read only when asked (stream_options::probe_final_state):
+// the report of a graceful close that kept TIME_WAIT says so, or says unknown.
+TEST_P(stream_test, the_final_state_is_probed_only_when_asked) {
+  for (const bool asked : {true, false}) {
+    SCOPED_TRACE(asked ? "probe_final_state" : "no probe");
+    stream_options o;
+    o.probe_final_state = asked;
+    auto peer = factory_->connect();
+    auto s = factory_->accept(o);
+    std::optional<close_report> rep;
+    s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+    ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
+    EXPECT_TRUE(peer.drain().eof);
+    peer.close();
+    ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+    EXPECT_EQ(rep->cause, close_cause::ours_then_peer_fin) << rep->describe();
+    EXPECT_EQ(rep->time_wait, side::local);
+    if (asked) {
+      // Both FINs crossed: the kernel moved the connection into a TIME_WAIT
+      // socket of its own, and ours is CLOSE.
+      EXPECT_EQ(rep->final_state, tcp_state::close) << rep->describe();
+    } else {
+      EXPECT_EQ(rep->final_state, tcp_state::unknown) << rep->describe();
+    }
+  }
+}
+
+// Preloaded input (bytes read from the socket before the stream had it) is
+// read first, in pieces as small as the reads ask, then the socket's bytes and
+// the FIN; the report counts all of it as input.
+TEST_P(stream_test, preloaded_input_is_read_before_the_socket) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  s.preload("GET / HTTP/1.1\r\n");
+  EXPECT_EQ(s.preloaded(), 16u);
+  ASSERT_EQ(peer.send(std::string("Host: x\r\n\r\n")), 11);
+  peer.shutdown_write();
+  auto [ec1, first] = read_exactly(s, 4);
+  EXPECT_FALSE(ec1);
+  EXPECT_EQ(first, "GET ");
+  EXPECT_EQ(s.preloaded(), 12u);
+  auto [ec2, rest] = read_exactly(s, 64);
+  EXPECT_EQ(ec2, asio::error::eof);
+  EXPECT_EQ(rest, "/ HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(s.preloaded(), 0u);
+  EXPECT_EQ(s.state().read(), read_state::peer_fin);
+  const auto rep = close(s, close_policy::graceful);
+  EXPECT_EQ(rep.bytes_in, 27u) << rep.describe();
+  EXPECT_EQ(rep.bytes_discarded, 0u);
+  EXPECT_EQ(rep.cause, close_cause::peer_fin_then_ours);
+}
+
+// Preloaded input nobody read is unread input to a close: graceful discards
+// and counts it, and rst_if_safe refuses to reset over it.
+TEST_P(stream_test, preloaded_input_left_unread_is_discarded_and_refuses_a_reset) {
+  for (const auto policy : {close_policy::graceful, close_policy::rst_if_safe}) {
+    SCOPED_TRACE(to_string(policy));
+    auto peer = factory_->connect();
+    auto s = factory_->accept();
+    s.preload("pipelined");
+    s.mark_exchange_complete();
+    std::optional<close_report> rep;
+    s.async_close(policy, [&](close_report r) { rep = std::move(r); });
+    ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
+    EXPECT_EQ(s.preloaded(), 0u);
+    EXPECT_TRUE(peer.drain().eof);
+    peer.close();
+    ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+    EXPECT_EQ(rep->cause, close_cause::ours_then_peer_fin) << rep->describe();
+    EXPECT_EQ(rep->bytes_discarded, 9u);
+    EXPECT_EQ(rep->bytes_in, 0u);
+    EXPECT_FALSE(rep->rst_sent);
+    if (policy == close_policy::rst_if_safe) {
+      EXPECT_EQ(rep->refusal, reset_refusal::unread_input);
+    }
+  }
+}
+
 // rst_if_safe after a complete exchange: the peer has every byte (Linux
 // delivers queued data before the reset), nobody keeps TIME_WAIT.
 TEST_P(stream_test, rst_if_safe_resets_after_a_complete_acknowledged_exchange) {

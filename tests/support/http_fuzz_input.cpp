@@ -72,7 +72,7 @@ server_options http_fuzz_server_options() {
   // waits for them: the client ends every connection itself. The 408 comes
   // from the 20 ms request timeout, not from these.
   // And as closewise-reqresp runs: sessions start once a header is complete,
-  // so the pieces of a cut header wait parked, peeked, not read.
+  // so the pieces of a cut header are read while the connection waits parked.
   server_options o = fuzz_server_options(std::chrono::milliseconds(1000), std::chrono::milliseconds(100),
                                          std::chrono::milliseconds(300));
   reqresp::configure_server(o, http_fuzz_options());

@@ -34,7 +34,8 @@ class running_server {
       cv_.notify_all();
     });
     srv_.start();
-    port_ = parse_endpoint(srv_.local_endpoints().front()).port();
+    const std::string first = srv_.local_endpoints().front();
+    if (first.rfind("unix:", 0) != 0) port_ = parse_endpoint(first).port();  // a Unix listener has no port
     thread_ = std::thread([this] {
       srv_.run();
       {

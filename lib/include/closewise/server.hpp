@@ -98,19 +98,19 @@ struct server_options {
   /// as `server_drain`. For protocols where the client speaks first (HTTP);
   /// a server that greets its clients must leave it off.
   bool start_on_input = false;
-  /// With start_on_input: whether the bytes waiting in the kernel are enough
-  /// for the session to start (for HTTP: a whole request header). They are
-  /// peeked (MSG_PEEK into one buffer per I/O thread), not read, so a
-  /// connection whose input is incomplete still costs no session, stream
-  /// or buffer: a slow sender holds kernel memory only. A FIN, a RST, an
-  /// error or `peek_bytes` waiting start the session whatever this says.
-  /// Empty: the first byte starts it. Called on the connection's I/O thread.
-  /// TCP only: on a Unix socket the first byte starts the session (its poll
-  /// ignores SO_RCVLOWAT, which the wait for more bytes relies on).
-  std::function<bool(std::string_view waiting)> input_ready;
-  /// The most bytes peeked for `input_ready`; as many waiting start the
-  /// session. 0: no peeking, the first byte starts it.
-  std::size_t peek_bytes = 16 * 1024;
+  /// With start_on_input: whether the input read so far is enough for the
+  /// session to start (for HTTP: a whole request header). A waiting
+  /// connection's bytes are read as they come (at most `input_limit` in
+  /// all) into a string as long as they are, and handed to the session's
+  /// stream (`basic_stream::preload`): a connection whose input is
+  /// incomplete costs those bytes and no session, stream or buffer, and a
+  /// complete one's session starts without a read. A FIN, a RST, an error
+  /// or `input_limit` bytes start the session whatever this says. Empty:
+  /// the first bytes start it. Called on the connection's I/O thread.
+  std::function<bool(std::string_view input)> input_ready;
+  /// The most bytes a connection waiting for its input reads before its
+  /// session starts. 0: none (the session's own first read takes them).
+  std::size_t input_limit = 16 * 1024;
   /// How long input may wait without `input_ready` saying yes, from its first
   /// byte; then the session starts anyway and applies its own limits
   /// (`connection::input_since` tells it when the input began). 0: the idle

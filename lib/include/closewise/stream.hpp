@@ -27,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -81,7 +82,10 @@ struct stream_options {
   /// rst_if_safe: how long to wait for the peer to acknowledge our bytes
   /// (SIOCOUTQ == 0) before falling back to graceful.
   std::chrono::milliseconds safe_reset_wait{1000};
-  /// Size of the buffer the drain reads into, allocated only while draining.
+  /// Size of the buffer the drain reads into, allocated only once the
+  /// drain's first read (into a few hundred bytes the teardown state
+  /// carries) comes back full: a peer whose FIN is all that is left costs
+  /// no allocation.
   std::size_t drain_buffer_size = 16 * 1024;
   /// A read waiting for a new exchange (no input unanswered, no write in
   /// flight) fails with asio::error::timed_out after this long. 0: no limit.
@@ -97,6 +101,11 @@ struct stream_options {
   /// response and closes is spared the syscall; the server sets this for its
   /// TCP connections.
   bool no_delay = false;
+  /// TCP: read the connection's state (TCP_INFO) just before the close, for
+  /// `close_report::final_state`: one getsockopt per connection. Off, the
+  /// report says `unknown` there; everything else in it (cause, FINs, who
+  /// keeps TIME_WAIT, bytes) comes from the state machine and costs nothing.
+  bool probe_final_state = true;
 };
 
 namespace detail {
@@ -119,8 +128,10 @@ struct stream_impl {
   stream_options opts;
   connection_state core;
   std::uint64_t id = next_connection_id();
-  std::uint8_t writes_issued = 0;  // counted up to 2, for opts.no_delay
-  error_code pending_read_error;   // note_socket_error: what the next read completes with
+  std::uint8_t writes_issued = 0;   // counted up to 2, for opts.no_delay
+  error_code pending_socket_error;  // note_socket_error: what the next read or write completes with
+  std::string preloaded;            // preload: input read from the socket before the stream had it
+  std::size_t preloaded_taken = 0;  // how much of it reads have delivered
   // The timers only a teardown or a shutdown waits on, made when one first
   // does: a connection in the middle of its life does not carry them
   // (360 bytes, a third of this state).
@@ -132,6 +143,7 @@ struct stream_impl {
     asio::steady_timer deadline;  // teardown deadline (flush, drain, safe-reset wait)
     asio::steady_timer finished;  // never expires; cancelled when the connection finished
     asio::steady_timer fin;       // never expires; cancelled when our FIN went out (or it never will)
+    char first_drain[256];        // the drain's first read (uninitialised: what it reads is discarded)
   };
   std::unique_ptr<teardown_timers> teardown;
   teardown_timers& timers() {
@@ -201,10 +213,10 @@ struct stream_impl {
       // Only what the report can use: input read to the FIN (or cut by a
       // reset) leaves nothing unread, and unacknowledged bytes are lost only
       // when we reset. A teardown costs one probe syscall in the common case.
-      unsigned fields = probe_state;
+      unsigned fields = opts.probe_final_state ? probe_state : 0u;
       if (core.read() != read_state::peer_fin && core.read() != read_state::reset) fields |= probe_unread;
       if (todo.has(action::send_rst)) fields |= probe_unacked;
-      last = probe(fd(), fields);
+      if (fields != 0) last = probe(fd(), fields);
       if (todo.has(action::send_rst)) {
         // An explicit close after linger {1,0}: Asio's destructor would turn
         // the linger off and send a FIN instead (see FIELD-NOTES).
@@ -250,6 +262,31 @@ struct stream_impl {
     // describe() formats a whole line: only when it will be printed.
     if (closewise::logger()->should_log(level)) log(level, "closed: {}", report->describe());
     if (on_close) on_close(*report);
+  }
+
+  std::size_t preloaded_left() const noexcept { return preloaded.size() - preloaded_taken; }
+
+  // Delivers preloaded input into `buffers`; frees it once all is taken.
+  template <class Buffers>
+  std::size_t take_preloaded(const Buffers& buffers) {
+    const std::size_t n =
+        asio::buffer_copy(buffers, asio::buffer(preloaded.data() + preloaded_taken, preloaded_left()));
+    preloaded_taken += n;
+    if (preloaded_left() == 0) {
+      preloaded = std::string();
+      preloaded_taken = 0;
+    }
+    return n;
+  }
+
+  // A close took over the read side: preloaded input nobody read is
+  // discarded, as the drain discards what is still in the kernel.
+  void discard_preloaded() {
+    const std::size_t left = preloaded_left();
+    if (left == 0) return;
+    preloaded = std::string();
+    preloaded_taken = 0;
+    if (!core.finished() && core.read() == read_state::open) feed(event::read(left));
   }
 
   void note_error(const error_code& ec) {
@@ -429,10 +466,24 @@ class basic_stream {
   void note_timeout(timeout_kind k) noexcept { impl_->timed_out = k; }
 
   /// Hands the stream an error its socket reported to someone else first: a
-  /// peek before the stream's first read takes the pending ECONNRESET, after
-  /// which the socket reads as EOF. The next read completes with it, as if
-  /// the socket had reported it there.
-  void note_socket_error(const error_code& ec) noexcept { impl_->pending_read_error = ec; }
+  /// read before the stream had the socket takes the pending ECONNRESET,
+  /// after which the socket reads as EOF and writes fail with EPIPE. The
+  /// next write, or the next read once preloaded input is taken, completes
+  /// with it, as the socket would have answered.
+  void note_socket_error(const error_code& ec) noexcept { impl_->pending_socket_error = ec; }
+
+  /// Hands the stream input its owner already read from the socket (a
+  /// server reads a request's first bytes while the connection waits to
+  /// become a session). The next reads deliver these bytes first, counted
+  /// as input like any other; a close discards what no read took (counted
+  /// in `bytes_discarded` by a drain, and as unread input by rst_if_safe).
+  /// Call before the first read.
+  void preload(std::string bytes) {
+    impl_->preloaded = std::move(bytes);
+    impl_->preloaded_taken = 0;
+  }
+  /// Preloaded bytes no read has taken yet.
+  std::size_t preloaded() const noexcept { return impl_->preloaded_left(); }
 
   /// The close report, once the connection finished (by async_close, by the
   /// peer's reset, or by both FINs crossing).
@@ -509,14 +560,20 @@ class basic_stream {
           stage = reading;
           impl->app_read_in_flight = true;
           impl->app_read_started = std::chrono::steady_clock::now();
+          if (impl->preloaded_left() > 0) {
+            // Input the stream already has: no wait, so no clock to watch it.
+            const std::size_t taken = impl->take_preloaded(buffers);
+            asio::post(asio::append(std::move(self), error_code{}, taken));
+            return;
+          }
           impl->start_watch(impl, true, impl->app_read_started);
           // The caller's cancellation reaches the socket through our own
           // signal, which async_close also uses to take over the read side.
           if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
             slot.assign([sig = &impl->read_cancel](asio::cancellation_type t) { sig->emit(t); });
           }
-          if (impl->pending_read_error) {
-            asio::post(asio::append(std::move(self), std::exchange(impl->pending_read_error, {}), std::size_t{0}));
+          if (impl->pending_socket_error) {
+            asio::post(asio::append(std::move(self), std::exchange(impl->pending_socket_error, {}), std::size_t{0}));
             return;
           }
           impl->next.async_read_some(buffers, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
@@ -554,6 +611,10 @@ class basic_stream {
         impl->start_watch(impl, false);
         if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
           slot.assign([sig = &impl->write_cancel](asio::cancellation_type t) { sig->emit(t); });
+        }
+        if (impl->pending_socket_error) {
+          asio::post(asio::append(std::move(self), std::exchange(impl->pending_socket_error, {}), std::size_t{0}));
+          return;
         }
         impl->before_write();
         impl->next.async_write_some(buffers, asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
@@ -668,6 +729,9 @@ class basic_stream {
           }
           if (!ec && s.core.draining()) {
             if (n > 0) s.touch();
+            if (!s.drain_buffer && n >= std::min(sizeof s.timers().first_drain, s.opts.drain_buffer_size)) {
+              s.drain_buffer = std::make_unique_for_overwrite<char[]>(s.opts.drain_buffer_size);  // more is coming
+            }
             return drain(self);
           }
           if (s.core.finished()) return self.complete(*s.report);
@@ -700,7 +764,9 @@ class basic_stream {
 
     queue_probe queues_now() const noexcept {
       const int fd = impl->fd();
-      return fd >= 0 ? closewise::probe(fd, probe_unread | probe_unacked).queues() : queue_probe{};
+      queue_probe q = fd >= 0 ? closewise::probe(fd, probe_unread | probe_unacked).queues() : queue_probe{};
+      q.unread += impl->preloaded_left();  // input read before the stream had it, and not taken since
+      return q;
     }
 
     template <class Self>
@@ -709,22 +775,33 @@ class basic_stream {
       drain_limits limits;
       limits.max_discard_bytes = s.opts.max_discard_bytes;
       const step st = s.feed(event::close_with(policy, q, limits));
+      s.discard_preloaded();
       if (s.core.finished()) return post_complete(self);
       if (!st.accepted) return wait_finish(self);
-      s.log(spdlog::level::debug, "close requested: {} ({})", to_string(policy), to_string(st.todo));
+      if (closewise::logger()->should_log(spdlog::level::debug)) {  // to_string(actions) allocates
+        s.log(spdlog::level::debug, "close requested: {} ({})", to_string(policy), to_string(st.todo));
+      }
       s.arm_deadline(impl);
       if (st.todo.has(action::start_drain)) {
-        s.drain_buffer = std::make_unique_for_overwrite<char[]>(s.opts.drain_buffer_size);  // discarded: no zeroing
         return drain(self);
       }
       return wait_finish(self);
+    }
+
+    // Where the drain reads: the teardown state's small buffer until a read
+    // fills it, then a buffer of drain_buffer_size (discarded: no zeroing).
+    asio::mutable_buffer drain_target() {
+      auto& s = *impl;
+      if (s.drain_buffer) return asio::buffer(s.drain_buffer.get(), s.opts.drain_buffer_size);
+      auto& first = s.timers().first_drain;
+      return asio::buffer(first, std::min(sizeof first, s.opts.drain_buffer_size));
     }
 
     template <class Self>
     void drain(Self& self) {
       stage = draining;
       auto& s = *impl;
-      s.next.async_read_some(asio::buffer(s.drain_buffer.get(), s.opts.drain_buffer_size), std::move(self));
+      s.next.async_read_some(drain_target(), std::move(self));
     }
 
     template <class Self>
