@@ -500,10 +500,28 @@ def measure(args, bins: dict, available: list[str], body: str, body_file: Path, 
         best["attempts"] = n + 1
         return best
 
+    def median_round(rounds: list[dict]) -> dict:
+        # The round with the median rate stands for the server in this mode
+        # (its CPU, latency and TIME_WAIT figures come with it); every
+        # round's rate is kept beside it.
+        ordered = sorted(rounds, key=lambda r: r["rate"] or 0)
+        med = dict(ordered[(len(ordered) - 1) // 2])
+        med["rounds"] = [r["rate"] for r in rounds]
+        med["rounds_server_cpu_us"] = [cpu_us(r) for r in rounds]
+        return med
+
     try:
         for mode in args.modes:
+            # Rounds interleave the servers (A B C A B C ...): a slow minute of
+            # the machine falls on every server, not on one.
+            per_server: dict[str, list[dict]] = {kind: [] for kind in available}
+            for rnd in range(args.rounds):
+                for kind in available:
+                    if args.rounds > 1:
+                        say(f"round {rnd + 1} of {args.rounds}")
+                    per_server[kind].append(best_of(kind, mode, "closewise-bench"))
             for kind in available:
-                runs.append(best_of(kind, mode, "closewise-bench"))
+                runs.append(median_round(per_server[kind]))
                 if args.wrk and mode in WRK_MODES:
                     runs.append(best_of(kind, mode, "wrk"))
         if args.memory:
@@ -595,6 +613,16 @@ def cpu_us(run: dict | None) -> float | None:
     if not run or not run.get("rate"):
         return None
     return 1e6 * run["server_cpu_pct"] / 100 / run["rate"]
+
+
+def median_cpu_us(run: dict | None) -> tuple[float | None, float | None, float | None]:
+    # The median server CPU per cycle over a run's rounds, and their range.
+    if not run:
+        return None, None, None
+    xs = sorted(x for x in run.get("rounds_server_cpu_us", [cpu_us(run)]) if x)
+    if not xs:
+        return None, None, None
+    return xs[(len(xs) - 1) // 2], xs[0], xs[-1]
 
 
 def fmt_kib(v) -> str:
@@ -699,6 +727,11 @@ def markdown(data: dict, meta: dict, servers: list[str], targets: list[dict], ag
     L.append(f"Client: closewise-bench --threads {a['threads']} --connections {a['connections']}, "
              f"{a['warmup']:g} s warm-up + {a['duration']:g} s measured per run; wrk -t{a['threads']} "
              f"-c{a['connections']} -d{a['wrk_seconds']}s for the cross-check.  ")
+    rounds = a.get("rounds", 1)
+    if rounds > 1:
+        L.append(f"Rounds: every server is measured {rounds} times per mode, the servers in turn (A B C A B C ...); "
+                 "the tables show the round with the median rate (its CPU, latency and TIME_WAIT), the throughput "
+                 "table the range of the rounds beside it.  ")
     L.append("Isolation: " + ("every run has a fresh server in a fresh network namespace (its own TIME_WAIT table, "
                               "sized for every socket the run leaves)." if a["netns"] else
                               "runs share the host's network namespace (not root or no `ip netns`): TIME_WAIT "
@@ -716,9 +749,18 @@ def markdown(data: dict, meta: dict, servers: list[str], targets: list[dict], ag
     L.append("")
     L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " | unit |")
     L.append("|---|" + "---:|" * len(servers) + "---|")
+    def rate_cell(s: str, mode: str) -> str:
+        r = run_of(runs, s, mode)
+        if r is None:
+            return fmt_rate(None)
+        rs = [x for x in r.get("rounds", []) if x]
+        if len(rs) < 2:
+            return fmt_rate(r["rate"])
+        return f"{fmt_rate(r['rate'])} ({fmt_rate(min(rs))}–{fmt_rate(max(rs))})"
+
     for mode in a["modes"]:
         unit = "req/s" if mode == "keepalive" else "conn/s"
-        L.append(f"| {mode} | " + " | ".join(fmt_rate(rate_of(runs, s, mode)) for s in servers) + f" | {unit} |")
+        L.append(f"| {mode} | " + " | ".join(rate_cell(s, mode) for s in servers) + f" | {unit} |")
     L.append("")
     L.append("Latency of the whole cycle (keepalive: one request), p50 / p99 in ms:")
     L.append("")
@@ -753,18 +795,18 @@ def markdown(data: dict, meta: dict, servers: list[str], targets: list[dict], ag
     L.append("Server CPU per cycle (µs of the server process per connection, keepalive: per request). On two "
              "shared cores the client's kernel work (connect, and the handshake and teardown packets it sends, "
              "processed in its context) weighs as much as the server's, which compresses the throughput ratios; "
-             "this one is the server's own cost:")
+             "this one is the server's own cost (with rounds: the median of the rounds, then their range):")
     L.append("")
     L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
     L.append("|---|" + "---:|" * len(servers))
     for mode in a["modes"]:
         cells = []
-        base = run_of(runs, "nginx", mode)
-        base_us = cpu_us(base)
+        base_us = median_cpu_us(run_of(runs, "nginx", mode))[0]
         for s in servers:
-            us_ = cpu_us(run_of(runs, s, mode))
+            us_, lo, hi = median_cpu_us(run_of(runs, s, mode))
             rel = f" ({us_ / base_us:.2f}× nginx)" if us_ and base_us and s != "nginx" else ""
-            cells.append("–" if us_ is None else f"{us_:.1f}{rel}")
+            spread = f", {lo:.1f}–{hi:.1f}" if lo is not None and hi is not None and hi > lo else ""
+            cells.append("–" if us_ is None else f"{us_:.1f}{rel}{spread}")
         L.append(f"| {mode} | " + " | ".join(cells) + " |")
     L.append("")
     L.append("## TIME_WAIT left after each run (client side / server side)")
@@ -908,6 +950,8 @@ def main() -> int:
     p.add_argument("--wait-quiet", type=float, default=60.0, help="seconds to wait for that at most, per run")
     p.add_argument("--max-interference", type=float, default=10.0,
                    help="rerun a run during which other processes used more than this %% of all cores")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements per server and mode, the servers in turn; the median round is reported")
     p.add_argument("--retries", type=int, default=2, help="reruns at most per run (the least disturbed is kept)")
     p.add_argument("--perf", action="store_true", help="perf-record closewise-reqresp in server-close and keepalive")
     args = p.parse_args()
@@ -992,7 +1036,7 @@ def main() -> int:
         "others_max": others[-1] if others else 0,
         "others_median": others[len(others) // 2] if others else 0,
         "args": {k: getattr(args, k) for k in ("threads", "connections", "duration", "warmup", "idle_connections",
-                                               "modes", "netns", "wrk", "memory", "retries", "max_interference")}
+                                               "modes", "netns", "wrk", "memory", "retries", "max_interference", "rounds")}
         | {"wrk_seconds": wrk_seconds(args)},
         "servers": servers_meta,
         "body": body,

@@ -26,6 +26,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
+#include <boost/version.hpp>
 
 namespace closewise {
 
@@ -224,7 +225,7 @@ struct server::impl : std::enable_shared_from_this<server::impl> {
           now - c->io.read_pending_since() >= opts.drain_idle_grace &&
           // Bytes its pending read has not taken yet: a request that came as
           // the drain did; a graceful close would read and discard it.
-          c->io.probe(probe_unread).unread.value_or(0) == 0) {
+          c->io.preloaded() == 0 && c->io.probe(probe_unread).unread.value_or(0) == 0) {
         c->drained = true;
         c->io.async_close(close_policy::graceful, [](close_report) {});
       }
@@ -437,6 +438,21 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
                  asio::detached);
 }
 
+// One read of a connection waiting for its input, into its worker's buffer.
+struct input_read {
+  ssize_t n = -1;
+  int error = EAGAIN;
+};
+
+input_read read_input(const server::impl& srv, worker& w, int fd, std::size_t have) {
+  const std::size_t limit = srv.opts.input_limit;
+  if (!w.read_buffer) w.read_buffer = std::make_unique_for_overwrite<char[]>(limit);
+  input_read r;
+  r.n = ::recv(fd, w.read_buffer.get(), limit - have, MSG_DONTWAIT);
+  r.error = r.n < 0 ? errno : 0;
+  return r;
+}
+
 // Reads what a waking parked connection has (server_options::input_limit
 // in all) and says whether it must wait for more: its input is not ready
 // (server_options::input_ready), and no FIN, reset, error or full limit makes
@@ -444,18 +460,16 @@ void unpark(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::it
 // the buffers that held them (several times their size), the socket stops
 // being readable until more come, and the session's first read costs no
 // syscall (they reach it through basic_stream::preload).
-bool needs_more_input(const server::impl& srv, worker& w, parked_connection& p) {
+bool needs_more_input(const server::impl& srv, worker& w, parked_connection& p, const input_read* done = nullptr) {
   const auto& o = srv.opts;
   if (o.input_limit == 0 || p.input.size() >= o.input_limit) return false;
-  if (!w.read_buffer) w.read_buffer = std::make_unique_for_overwrite<char[]>(o.input_limit);
-  const int fd = static_cast<int>(p.sock.native_handle());
-  const ssize_t n = ::recv(fd, w.read_buffer.get(), o.input_limit - p.input.size(), MSG_DONTWAIT);
-  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return true;  // woken for nothing
+  const input_read r = done ? *done : read_input(srv, w, static_cast<int>(p.sock.native_handle()), p.input.size());
+  if (r.n < 0 && (r.error == EAGAIN || r.error == EWOULDBLOCK || r.error == EINTR)) return true;  // nothing yet
   // A reset with nothing queued: this read took the socket's pending error,
-  // and a read after it would see EOF. The session's first read gets it.
-  if (n < 0) p.error = errno;
-  if (n <= 0) return false;  // a FIN (or an error) after the input: the session meets it
-  p.input.append(w.read_buffer.get(), static_cast<std::size_t>(n));
+  // and a read after it would see EOF. The session's stream gets it.
+  if (r.n < 0) p.error = r.error;
+  if (r.n <= 0) return false;  // a FIN (or an error) after the input: the session meets it
+  p.input.append(w.read_buffer.get(), static_cast<std::size_t>(r.n));
   if (!o.input_ready || p.input.size() >= o.input_limit) return false;
   return !o.input_ready(p.input);
 }
@@ -463,8 +477,9 @@ bool needs_more_input(const server::impl& srv, worker& w, parked_connection& p) 
 // The wait of a parked connection ended. Input, FIN and RST all make a
 // socket readable; an error of the wait itself is left to the session.
 // Returns whether it is still parked.
-bool on_readable(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it) {
-  if (it->start != session_start::serve || !needs_more_input(*srv, w, *it)) {
+bool on_readable(const std::shared_ptr<server::impl>& srv, worker& w, parked_list::iterator it,
+                 const input_read* done = nullptr) {
+  if (it->start != session_start::serve || !needs_more_input(*srv, w, *it, done)) {
     unpark(srv, w, it);
     return false;
   }
@@ -489,7 +504,9 @@ void wait_for_input(const std::shared_ptr<server::impl>& srv, worker& w, parked_
 }
 
 // Runs on the connection's worker.
-void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_address peer) {
+// `first`: the read the accept loop made before it registered the socket.
+void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_address peer,
+          const input_read* first = nullptr) {
   const auto idle = srv->opts.stream.idle_timeout;
   const auto now = clock::now();
   const auto deadline = idle.count() > 0 ? now + idle : clock::time_point::max();
@@ -502,6 +519,8 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
     // passes (restarted here, they may have ended) leave it that long to come.
     if (srv->opts.drain_idle_grace.count() <= 0) {
       it->start = session_start::drain;
+      if (first && first->n > 0) it->input.assign(w.read_buffer.get(), static_cast<std::size_t>(first->n));
+      if (first && first->n < 0 && first->error != EAGAIN && first->error != EWOULDBLOCK) it->error = first->error;
       return unpark(srv, w, it);
     }
     asio::post(w.ioc,
@@ -510,7 +529,7 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
   if (srv->opts.input_limit > 0) {
     // A client that sent its request with the handshake has it waiting
     // already: no wait, no wake-up, the session starts now.
-    if (!on_readable(srv, w, it) || it->has_input) return;
+    if (!on_readable(srv, w, it, first) || it->has_input) return;
   } else {
     wait_for_input(srv, w, it);
   }
@@ -558,26 +577,38 @@ void arm_park_timer(const std::shared_ptr<server::impl>& srv, worker& w) {
 // reached the way a derived class may: through a pointer to the protected
 // member, applied to the socket.
 struct socket_state_access : socket {
-  static asio::detail::socket_ops::state_type& of(socket& s) noexcept {
-    return (s.*&socket_state_access::impl_).get_implementation().state_;
-  }
+  static auto& implementation(socket& s) noexcept { return (s.*&socket_state_access::impl_).get_implementation(); }
+  static asio::detail::socket_ops::state_type& of(socket& s) noexcept { return implementation(s).state_; }
 };
 
 // One accept4(2) on the non-blocking listener. The new socket is
-// non-blocking and close-on-exec from the start, and Asio is told so: its own
-// accept marks the socket as a possible dup and leaves it blocking, which
-// costs an FIONBIO before the first operation and an EPOLL_CTL_DEL before the
-// close (a descriptor that is no dup leaves the epoll set when it is closed).
-// Two syscalls of about a dozen per connection.
-error_code accept_one(acceptor_type& a, socket& s, asio::generic::stream_protocol::endpoint& from) {
+// non-blocking and close-on-exec from the start.
+int accept_raw(acceptor_type& a, asio::generic::stream_protocol::endpoint& from, error_code& ec) {
   sockaddr_storage addr{};
   socklen_t len = sizeof addr;
   const int fd = ::accept4(static_cast<int>(a.native_handle()), reinterpret_cast<sockaddr*>(&addr), &len,
                            SOCK_NONBLOCK | SOCK_CLOEXEC);
-  if (fd < 0) return error_code(errno, asio::error::get_system_category());
-  const int protocol = addr.ss_family == AF_UNIX ? 0 : static_cast<int>(IPPROTO_TCP);
+  if (fd < 0) {
+    ec = error_code(errno, asio::error::get_system_category());
+    return -1;
+  }
+  from.resize(std::min<std::size_t>(len, sizeof addr));
+  std::memcpy(from.data(), &addr, from.size());
+  ec = {};
+  return fd;
+}
+
+// Hands an accepted descriptor to Asio (which registers it with the
+// reactor), and tells Asio what it is: its own accept marks a socket as a
+// possible dup and leaves it blocking, which costs an FIONBIO before the
+// first operation and an EPOLL_CTL_DEL before the close (a descriptor that is
+// no dup leaves the epoll set when it is closed). Two syscalls of about a
+// dozen per connection. Closes the descriptor if Asio cannot take it.
+error_code adopt(socket& s, int fd, const asio::generic::stream_protocol::endpoint& from) {
+  const int family = from.protocol().family();
+  const int protocol = family == AF_UNIX ? 0 : static_cast<int>(IPPROTO_TCP);
   error_code ec;
-  s.assign(asio::generic::stream_protocol(addr.ss_family, protocol), fd, ec);
+  s.assign(asio::generic::stream_protocol(family, protocol), fd, ec);
   if (ec) {
     ::close(fd);
     return ec;
@@ -585,10 +616,55 @@ error_code accept_one(acceptor_type& a, socket& s, asio::generic::stream_protoco
   auto& state = socket_state_access::of(s);
   state = static_cast<asio::detail::socket_ops::state_type>((state & ~asio::detail::socket_ops::possible_dup) |
                                                             asio::detail::socket_ops::internal_non_blocking);
-  from.resize(std::min<std::size_t>(len, sizeof addr));
-  std::memcpy(from.data(), &addr, from.size());
   return {};
 }
+
+#if BOOST_VERSION == 108100 && defined(BOOST_ASIO_HAS_EPOLL) && !defined(BOOST_ASIO_HAS_IO_URING_AS_DEFAULT)
+// Two private members of Asio 1.81's epoll reactor's per-descriptor state,
+// named where the language lets a private name be used (an explicit
+// instantiation) and handed out by a friend function of that instantiation.
+namespace epoll_access {
+using descriptor = asio::detail::epoll_reactor::descriptor_state;
+template <class Tag, typename Tag::type Member>
+struct grant {
+  friend typename Tag::type get(Tag) noexcept { return Member; }
+};
+struct try_speculative {
+  using type = bool (descriptor::*)[asio::detail::epoll_reactor::max_ops];
+  friend type get(try_speculative) noexcept;
+};
+struct mutex {
+  using type = asio::detail::conditionally_enabled_mutex descriptor::*;
+  friend type get(mutex) noexcept;
+};
+template struct grant<try_speculative, &descriptor::try_speculative_>;
+template struct grant<mutex, &descriptor::mutex_>;
+}  // namespace epoll_access
+
+// For a socket read to the end of its input (a short read) *before* it was
+// registered, registered since on this thread with nothing run in between:
+// Asio's next read on it waits for the reactor's next readiness event
+// instead of trying the socket first (its "speculative" read, which would
+// answer EAGAIN). Sound because the reactor registers the socket
+// edge-triggered and epoll checks readiness when a socket is added: a FIN
+// already queued behind the bytes (a short read does not show it) makes the
+// socket ready at registration, and bytes, a FIN or a RST that come later
+// raise an event; either event turns speculation back on. After a short
+// read of a socket that was registered already, an event may have been
+// handled before the read, and a FIN behind the bytes would then raise no
+// other: this is only for the read before registration. Saves a
+// server-close connection's graceful drain the read that finds nothing
+// before the client's FIN: one syscall of about eight.
+void expect_input_event(socket& s) noexcept {
+  auto* d = socket_state_access::implementation(s).reactor_data_;
+  if (d == nullptr) return;
+  asio::detail::conditionally_enabled_mutex::scoped_lock lock(d->*get(epoll_access::mutex{}));
+  (d->*get(epoll_access::try_speculative{}))[asio::detail::epoll_reactor::read_op] = false;
+}
+#else
+// Another Asio or reactor: Asio's next read tries the socket first.
+void expect_input_event(socket&) noexcept {}
+#endif
 
 asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, acceptor_type* acceptor) {
   auto& home = srv->acceptor_home();
@@ -612,10 +688,15 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       co_await srv->slot_free->async_wait(use_tuple);
       continue;
     }
+    if (burst == max_burst) {
+      burst = 0;
+      co_await asio::post(home.ioc, asio::use_awaitable);
+      continue;  // the drain, the limit and the listener may have changed meanwhile
+    }
     if (!acceptor->is_open()) break;
     worker& target = *srv->workers[srv->next_worker % srv->workers.size()];
-    socket s(target.ioc);
-    const error_code ec = accept_one(*acceptor, s, from);
+    error_code ec;
+    const int fd = accept_raw(*acceptor, from, ec);
     if (ec == asio::error::would_block || ec == asio::error::try_again) {
       // The backlog is empty: wait for the next connection (a close of the
       // listener by a drain or a stop ends the wait).
@@ -625,6 +706,7 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       continue;
     }
     if (ec == asio::error::interrupted) continue;
+    ++burst;
     if (ec) {
       const accept_error kind = classify_accept(ec);
       srv->counters.accept_failed(kind);
@@ -635,18 +717,26 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       co_await backoff.async_wait(use_tuple);
       continue;
     }
-    if (++burst == max_burst) {
-      burst = 0;
-      co_await asio::post(home.ioc, asio::use_awaitable);
-    }
     if (srv->counters.open() >= o.max_connections) {
       // overflow_action::reject: a RST tells the client at once, and costs no TIME_WAIT.
-      error_code ignored;
-      s.set_option(asio::socket_base::linger(true, 0), ignored);
-      s.close(ignored);
+      const ::linger reset{1, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset);
+      ::close(fd);
       srv->counters.limit_rejected();
       continue;
     }
+    // A client that sent its request with the handshake has it waiting: on
+    // this thread, it is read before the socket is registered, so that the
+    // reactor's registration tells whether anything (its FIN) follows it.
+    const bool read_first = o.start_on_input && o.input_limit > 0 && &target == &home;
+    const input_read first = read_first ? read_input(*srv, home, fd, 0) : input_read{};
+    socket s(target.ioc);
+    if (const error_code adopt_ec = adopt(s, fd, from)) {
+      srv->counters.accept_failed(classify_accept(adopt_ec));
+      closewise::logger()->info("accepted connection not registered: {}", adopt_ec.message());
+      continue;
+    }
+    if (read_first && first.n > 0 && static_cast<std::size_t>(first.n) < o.input_limit) expect_input_event(s);
     const peer_address peer = to_peer_address(from);
     srv->counters.accepted();
     ++srv->next_worker;
@@ -654,7 +744,7 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server::impl> srv, accepto
       asio::co_spawn(target.ioc, run_session(srv, &target, std::move(s), peer, session_start::serve, clock::now()),
                      asio::detached);
     } else if (&target == &home) {
-      park(srv, target, std::move(s), peer);
+      park(srv, target, std::move(s), peer, read_first ? &first : nullptr);
     } else {
       // The wait list belongs to the target's thread.
       asio::post(target.ioc,
@@ -699,7 +789,7 @@ void server::start() {
     if (ep.address().is_v6()) a->set_option(asio::ip::v6_only(true));
     a->bind(gep);
     a->listen(impl_->opts.backlog);
-    a->native_non_blocking(true);  // accept_one must not block
+    a->native_non_blocking(true);  // accept_raw must not block
     asio::ip::tcp::endpoint bound;
     const auto local = a->local_endpoint();
     std::memcpy(bound.data(), local.data(), std::min<std::size_t>(local.size(), sizeof(sockaddr_in6)));
