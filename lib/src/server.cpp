@@ -519,8 +519,7 @@ void park(const std::shared_ptr<server::impl>& srv, worker& w, socket s, peer_ad
     // passes (restarted here, they may have ended) leave it that long to come.
     if (srv->opts.drain_idle_grace.count() <= 0) {
       it->start = session_start::drain;
-      if (first && first->n > 0) it->input.assign(w.read_buffer.get(), static_cast<std::size_t>(first->n));
-      if (first && first->n < 0 && first->error != EAGAIN && first->error != EWOULDBLOCK) it->error = first->error;
+      if (first) static_cast<void>(needs_more_input(*srv, w, *it, first));  // its bytes or error go with it
       return unpark(srv, w, it);
     }
     asio::post(w.ioc,
