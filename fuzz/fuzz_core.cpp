@@ -4,7 +4,7 @@
 // prints the trace and aborts, which libFuzzer reports as a crash and saves
 // as an input to replay (see fuzz/README.md).
 //
-// Built twice: fuzz_core against lib/src/core.cpp, and fuzz_core_mutant
+// Built twice: fuzz_core against lib/core/src/core.cpp, and fuzz_core_mutant
 // against a copy patched at build time to send FIN with a write in flight,
 // which scripts/fuzz expects to crash: proof that this harness can fail.
 

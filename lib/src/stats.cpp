@@ -1,5 +1,7 @@
 #include "closewise/stats.hpp"
 
+#include "stats_recorder.hpp"
+
 #include <fmt/format.h>
 
 namespace closewise {
@@ -11,7 +13,7 @@ std::string_view to_string(accept_error e) noexcept {
   return i < names.size() ? names[i] : std::string_view{"?"};
 }
 
-void server_stats::record(const close_report& r) noexcept {
+void internal::stats_recorder::record(const close_report& r) noexcept {
   add(closed_);
   open_.fetch_sub(1, std::memory_order_relaxed);
   add(by_cause_[static_cast<std::size_t>(r.cause) % close_cause_count]);

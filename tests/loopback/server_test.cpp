@@ -27,6 +27,7 @@
 
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
+#include "stats_recorder.hpp"
 
 using namespace closewise;
 using namespace closewise::test;
@@ -877,7 +878,7 @@ TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
 }
 
 TEST(stats, json_and_prometheus_carry_every_counter) {
-  server_stats st;
+  internal::stats_recorder st;
   st.accepted();
   close_report r;
   r.cause = close_cause::linger_timeout;

@@ -32,7 +32,8 @@ struct close_report {
   bool rst_sent = false;                         ///< we reset the connection (by policy or by limit)
   bool rst_received = false;                     ///< the peer reset the connection
   /// Bytes in our receive queue when we closed (SIOCINQ). Non-zero means the
-  /// kernel answered our close with RST instead of FIN (DESIGN.md row 7).
+  /// kernel answered our close with RST instead of FIN (docs/design.md,
+  /// 'Kernel experiments', row 7).
   std::uint64_t unread_at_close = 0;
   /// Bytes not yet acknowledged when we reset the connection (SIOCOUTQ):
   /// what the RST threw away. Measured only when we send the RST.

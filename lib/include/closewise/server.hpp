@@ -119,7 +119,10 @@ struct server_options {
 };
 
 class server;
+namespace internal {
 struct connection_impl;
+struct server_state;
+}  // namespace internal
 
 /// One accepted connection, as its session sees it. Lives on one I/O thread;
 /// every member must be called from the session (or its thread).
@@ -177,11 +180,15 @@ class connection {
   /// does not close it again).
   asio::awaitable<close_report> close(close_policy p);
 
-  /// Made by the server; a session receives it by reference.
-  explicit connection(std::shared_ptr<connection_impl> impl) noexcept : impl_(std::move(impl)) {}
+  /// Copies share the connection (an observer may keep one; a session gets
+  /// its own by reference).
+  connection(const connection&) = default;
+  connection& operator=(const connection&) = default;
 
  private:
-  std::shared_ptr<connection_impl> impl_;
+  friend struct internal::connection_impl;  // the server makes connections
+  explicit connection(std::shared_ptr<internal::connection_impl> impl) noexcept : impl_(std::move(impl)) {}
+  std::shared_ptr<internal::connection_impl> impl_;
 };
 
 /// The application's session: runs once per connection.
@@ -227,10 +234,8 @@ class server {
   /// Connections forced at the drain deadline in the last drain.
   std::uint64_t forced_in_drain() const noexcept;
 
-  struct impl;  ///< implementation detail (lib/src/server.cpp)
-
  private:
-  std::shared_ptr<impl> impl_;
+  std::shared_ptr<internal::server_state> impl_;
 };
 
 /// Parses "HOST:PORT" / "[V6]:PORT" into a TCP endpoint; throws std::invalid_argument.

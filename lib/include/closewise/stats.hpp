@@ -25,10 +25,14 @@ enum class accept_error : std::uint8_t {
   other,     ///< anything else (survived, backed off)
 };
 inline constexpr std::size_t accept_error_count = 6;
+static_assert(static_cast<std::size_t>(accept_error::other) + 1 == accept_error_count, "accept_error_count is stale");
 std::string_view to_string(accept_error) noexcept;
 
 inline constexpr std::size_t close_cause_count = 13;
+static_assert(static_cast<std::size_t>(close_cause::server_drain) + 1 == close_cause_count,
+              "close_cause_count is stale: server_drain must stay the last cause");
 inline constexpr std::size_t timeout_kind_count = 4;
+static_assert(static_cast<std::size_t>(timeout_kind::write) + 1 == timeout_kind_count, "timeout_kind_count is stale");
 
 /// A copy of the counters at one moment.
 struct stats_snapshot {
@@ -57,33 +61,22 @@ struct stats_snapshot {
   std::uint64_t drain_forced = 0;                                 ///< connections reset at the drain deadline
 };
 
-/// The counters of one server.
+/// The counters of one server, as its users see them: read-only. The server
+/// counts into them (lib/src/stats_recorder.hpp); nothing else can.
 class server_stats {
  public:
-  /// Counts one finished connection.
-  void record(const close_report& r) noexcept;
-  void accepted() noexcept {
-    add(accepted_);
-    add(open_);
-  }
-  void accept_failed(accept_error e) noexcept { add(accept_errors_[static_cast<std::size_t>(e)]); }
-  void limit_rejected() noexcept { add(limit_rejected_); }
-  void limit_paused() noexcept { add(limit_paused_); }
-  void drain_closed() noexcept { add(drain_closed_); }
-  void drain_forced() noexcept { add(drain_forced_); }
-  /// A connection waits for its input without a session (start_on_input), or stops waiting.
-  void parked() noexcept { add(waiting_); }
-  void unparked() noexcept { waiting_.fetch_sub(1, std::memory_order_relaxed); }
-  /// A rejected connection never opened: undo `accepted()`'s open count.
-  void rejected_open() noexcept { open_.fetch_sub(1, std::memory_order_relaxed); }
+  /// A copy of every counter (each exact, the set not taken atomically).
+  stats_snapshot snapshot() const noexcept;
+  /// Connections open now (accepted and not yet reported closed).
   std::uint64_t open() const noexcept { return open_.load(std::memory_order_relaxed); }
 
-  stats_snapshot snapshot() const noexcept;
+ protected:
+  server_stats() = default;
+  ~server_stats() = default;
+  server_stats(const server_stats&) = delete;
+  server_stats& operator=(const server_stats&) = delete;
 
- private:
   using counter = std::atomic<std::uint64_t>;
-  static void add(counter& c, std::uint64_t n = 1) noexcept { c.fetch_add(n, std::memory_order_relaxed); }
-
   counter accepted_{0}, open_{0}, waiting_{0}, closed_{0};
   std::array<counter, close_cause_count> by_cause_{};
   counter fin_first_local_{0}, fin_first_peer_{0}, time_wait_local_{0}, time_wait_peer_{0};

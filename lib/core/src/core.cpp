@@ -364,3 +364,9 @@ close_cause classify(io_error e, const connection_state& s) noexcept {
 }
 
 }  // namespace closewise
+
+// The core depends on nothing but the standard library (docs/design.md,
+// 'Layers'); the build says so if that ever changes.
+#if defined(BOOST_CONFIG_HPP) || defined(SPDLOG_VERSION) || defined(FMT_VERSION)
+#error "closewise's sans-I/O core must not include Boost, spdlog or fmt"
+#endif

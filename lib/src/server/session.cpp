@@ -1,0 +1,175 @@
+// A connection's session: its handle (connection), its write queue, the
+// session coroutine, its close with the connection's policy and its count.
+#include <exception>
+#include <utility>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/write.hpp>
+
+#include "server_state.hpp"
+
+namespace closewise {
+
+using internal::clock;
+using internal::connection_impl;
+using internal::use_tuple;
+
+stream& connection::io() noexcept { return impl_->io; }
+const connection_state& connection::state() const noexcept { return impl_->io.state(); }
+const std::string& connection::peer() const noexcept {
+  connection_impl& c = *impl_;
+  if (c.peer.empty()) c.peer = c.peer_addr.is_tcp ? to_string(c.peer_addr.tcp) : std::string("unix");
+  return c.peer;
+}
+std::uint64_t connection::id() const noexcept { return impl_->io.id(); }
+std::chrono::steady_clock::time_point connection::input_since() const noexcept { return impl_->input_since; }
+bool connection::draining() const noexcept { return impl_->owner->draining.load(std::memory_order_relaxed); }
+void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
+close_policy connection::policy() const noexcept { return impl_->policy; }
+std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
+void connection::mark_exchange_complete() {
+  impl_->exchange_open = false;
+  impl_->io.mark_exchange_complete();
+}
+void connection::mark_exchange_open() noexcept { impl_->exchange_open = true; }
+
+namespace internal {
+
+// The writer of one connection's queue: a named coroutine taking its state
+// by value (no capturing lambda coroutines: g++ 12, asio#858).
+asio::awaitable<void> run_writer(std::shared_ptr<connection_impl> c) {
+  while (!c->queue.empty() && !c->write_error) {
+    auto [ec, n] = co_await asio::async_write(c->io, asio::buffer(c->queue.front()), use_tuple);
+    if (ec) {
+      c->write_error = ec;
+      break;
+    }
+    c->queued_bytes -= c->queue.front().size();
+    c->queue.pop_front();
+    c->queue_signal.cancel();
+    arm_forever(c->queue_signal);
+  }
+  if (c->write_error) {
+    c->queue.clear();
+    c->queued_bytes = 0;
+  }
+  c->writer_running = false;
+  c->queue_signal.cancel();
+  arm_forever(c->queue_signal);
+}
+
+// Waits until the queue holds at most `limit` bytes (or a write failed).
+asio::awaitable<error_code> wait_queue_below(connection_impl& c, std::size_t limit) {
+  while (c.queued_bytes > limit && !c.write_error) {
+    co_await c.queue_signal.async_wait(use_tuple);
+  }
+  co_return c.write_error;
+}
+
+}  // namespace internal
+
+using internal::run_writer;
+using internal::wait_queue_below;
+
+error_code connection::send(std::string bytes) {
+  if (impl_->write_error) return impl_->write_error;
+  if (bytes.empty()) return {};
+  impl_->queued_bytes += bytes.size();
+  impl_->queue.push_back(std::move(bytes));
+  if (!impl_->writer_running) {
+    impl_->writer_running = true;
+    asio::co_spawn(impl_->io.get_executor(), run_writer(impl_), asio::detached);
+  }
+  return {};
+}
+
+asio::awaitable<error_code> connection::flush() { co_return co_await wait_queue_below(*impl_, 0); }
+
+asio::awaitable<std::pair<error_code, std::size_t>> connection::read_some(asio::mutable_buffer b) {
+  auto& c = *impl_;
+  if (c.queued_bytes > c.owner->opts.write_high_watermark) {
+    // Backpressure: stop reading until the peer takes what we owe it.
+    if (auto ec = co_await wait_queue_below(c, c.owner->opts.write_low_watermark)) co_return std::pair{ec, 0};
+  }
+  auto [ec, n] = co_await c.io.async_read_some(b, use_tuple);
+  co_return std::pair{ec, n};
+}
+
+asio::awaitable<error_code> connection::write(asio::const_buffer b) {
+  if (auto ec = co_await flush()) co_return ec;
+  auto [ec, n] = co_await asio::async_write(impl_->io, b, use_tuple);
+  co_return ec;
+}
+
+asio::awaitable<error_code> connection::shutdown_write() {
+  if (auto ec = co_await flush()) co_return ec;
+  auto [ec] = co_await impl_->io.async_shutdown_write(use_tuple);
+  co_return ec;
+}
+
+asio::awaitable<close_report> connection::close(close_policy p) {
+  auto [r] = co_await impl_->io.async_close(p, use_tuple);
+  co_return r;
+}
+
+namespace internal {
+
+stream make_stream(const server_state& srv, socket s, const peer_address& peer) {
+  stream_options so = srv.opts.stream;
+  so.no_delay = peer.is_tcp;  // TCP_NODELAY, set before the second write (see stream_options)
+  so.probe_final_state = so.probe_final_state && peer.is_tcp;
+  return stream(std::move(s), so);
+}
+
+asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, stream io, peer_address peer,
+                                  session_start start, clock::time_point input_since) {
+  auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
+  c->registration = w->connections.insert(w->connections.end(), c.get());
+  if (start == session_start::serve || start == session_start::ready_timeout) {
+    connection conn = connection_impl::handle(c);
+    try {
+      co_await srv->session(conn);
+    } catch (const std::exception& e) {
+      // A session that throws still gets a policy close; the error is logged.
+      closewise::logger()->warn("[conn {}] session failed: {}", c->io.id(), e.what());
+    }
+  } else if (start == session_start::idle_timeout) {
+    // What a session's first read would have met: the idle timeout, then
+    // the close with the connection's policy.
+    closewise::logger()->info("[conn {}] idle timeout before the first byte", c->io.id());
+    c->io.note_timeout(timeout_kind::idle);
+  } else {
+    c->drained = true;
+    c->policy = close_policy::graceful;
+  }
+  if (!c->io.report()) {
+    if (!c->io.state().closing() && c->policy != close_policy::abortive) co_await wait_queue_below(*c, 0);
+    co_await c->io.async_close(c->policy, use_tuple);
+  }
+  w->connections.erase(c->registration);
+  close_report r = *c->io.report();
+  // A drain ended this idle connection: that is its cause. first_fin and
+  // time_wait still say how the FINs went.
+  if (c->drained && (r.cause == close_cause::ours_then_peer_fin || r.cause == close_cause::peer_fin_then_ours))
+    r.cause = close_cause::server_drain;
+  srv->connection_done(c, r);
+}
+
+// Runs on the worker that owned the connection, after its close report.
+void server_state::connection_done(const std::shared_ptr<connection_impl>& c, const close_report& r) {
+  counters.record(r);
+  if (c->drained) counters.drain_closed();
+  if (c->forced) counters.drain_forced();
+  if (observer) observer(connection_impl::handle(c), r);
+  if (paused.exchange(false)) {
+    asio::post(acceptor_home().ioc, [self = shared_from_this()] {
+      if (self->slot_free) self->slot_free->cancel();
+    });
+  }
+  if (draining && counters.open() == 0) release_all();
+}
+
+}  // namespace internal
+}  // namespace closewise
