@@ -16,7 +16,8 @@
 //                     by --linger-timeout (then a plain close).
 //   direct            close() as soon as the response is written: one syscall
 //                     and one wakeup fewer per connection, but unread input
-//                     makes the kernel send RST (DESIGN.md row 7).
+//                     makes the kernel send RST (docs/design.md, 'Kernel
+//                     experiments', row 7).
 // Either way the server's FIN goes first, so the server keeps the TIME_WAIT.
 //
 // Like nginx, it sets TCP_NODELAY when a connection is kept alive after a

@@ -220,7 +220,8 @@ void raw_client::close() noexcept {
 
 void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit) {
   // An earlier call saw the end. After ECONNRESET Linux returns 0 on the next
-  // read (DESIGN.md row 8): reading on would turn the reset into an "EOF".
+  // read (docs/design.md, 'Kernel experiments', row 8): reading on would turn
+  // the reset into an "EOF".
   if (r.end != read_end::none) return;
   std::vector<char> buf(64 * 1024);
   std::string head;

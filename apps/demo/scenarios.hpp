@@ -10,8 +10,8 @@
 // the requester has received the whole response and the sender's queue has
 // been acknowledged; closing with unread input or unsent output loses data.
 //
-// How the data-loss scenarios (3 to 6) stay deterministic (FIELD-NOTES, "The
-// data-loss case, exactly"):
+// How the data-loss scenarios (3 to 6) stay deterministic (docs/design.md,
+// 'Beast's teardown and the data-loss case'):
 // - their response is larger than the kernel's buffers can hold while the
 //   client does not read (twice net.ipv4.tcp_wmem's maximum, plus 2 MiB;
 //   `unbufferable_size`), and the client sets SO_RCVBUF to 64 KiB (no receive

@@ -77,7 +77,8 @@ using clock_type = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 // ---------------------------------------------------------------------------
-// What each row is about (the text of DESIGN.md's table).
+// What each row is about (the text of the table in docs/design.md, 'Kernel
+// experiments').
 
 struct row_text {
   std::string_view name;
@@ -678,10 +679,10 @@ void peer_abort_body(recorder& rec, const options& opts) {
 enum class close_variant : std::uint8_t { plain, fin_close, graceful };
 
 // One server close of row 7. The order is the one that loses data in the
-// field (FIELD-NOTES, "The data-loss case, exactly"): the server has read the
-// first request when the next one arrives, so those bytes sit unread in its
-// kernel while it writes a large response; the client reads only after the
-// server's close.
+// field (docs/design.md, 'Beast's teardown and the data-loss case'): the
+// server has read the first request when the next one arrives, so those bytes
+// sit unread in its kernel while it writes a large response; the client reads
+// only after the server's close.
 void close_with_unread_run(recorder& rec, const options& opts, close_variant v, const std::string& response) {
   const auto limit = opts.wait_limit;
   const std::string tag = v == close_variant::plain       ? "plain"

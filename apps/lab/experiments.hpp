@@ -1,5 +1,6 @@
 #pragma once
-// closewise-lab: the eight kernel experiments of DESIGN.md, reproduced.
+// closewise-lab: the eight kernel experiments of docs/design.md ('Kernel
+// experiments'), reproduced.
 //
 // Rows 1-2 use raw syscalls (socketpair, pipe). Rows 3-8 are about TCP and run
 // through the library: "we" are a closewise::basic_stream<tcp::socket> driven
@@ -59,7 +60,7 @@ struct row {
   std::string done;                   ///< what the experiment did
   std::vector<observation> observed;  ///< events, errno names, byte counts, close reports
   std::vector<observation> states;    ///< TCP states (closewise::probe / sock_diag)
-  std::string expected;               ///< the row of DESIGN.md
+  std::string expected;               ///< the row of docs/design.md, 'Kernel experiments'
   bool matches = false;
   std::string mismatch;  ///< every deviation from `expected`, "; "-separated (empty when it matches)
 

@@ -1,5 +1,6 @@
-// closewise-lab: runs the eight teardown experiments of DESIGN.md and says
-// whether this kernel (and this library) still behave as the table says.
+// closewise-lab: runs the eight teardown experiments of docs/design.md
+// ('Kernel experiments') and says whether this kernel (and this library)
+// still behave as the table says.
 //
 // Exit status: 0 when every row matches, 1 when one does not (each mismatch
 // is printed), 2 on a usage error.
@@ -164,7 +165,8 @@ int main(int argc, char** argv) {
   // `head`) must fail with EPIPE, not kill the lab.
   closewise::app::ignore_sigpipe();
 
-  CLI::App app{"Reproduces the eight TCP teardown experiments of closewise's DESIGN.md on loopback.", "closewise-lab"};
+  CLI::App app{"Reproduces the eight TCP teardown experiments of closewise's docs/design.md on loopback.",
+                "closewise-lab"};
   bool json = false;
   bool ipv6 = false;
   int only = 0;

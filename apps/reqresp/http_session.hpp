@@ -15,7 +15,8 @@
 // when it went away, or when the server drains, the session returns and the
 // server closes the connection with its policy (--teardown). Refusals always
 // close gracefully: fin_close or abortive there would turn the unread rest of
-// the refused request into a RST that destroys the answer (DESIGN.md row 7).
+// the refused request into a RST that destroys the answer (docs/design.md,
+// 'Kernel experiments', row 7).
 //
 // Thread-safety: a session runs on its connection's thread. `http_service` is
 // shared by every session of a server: options are immutable, counters atomic.

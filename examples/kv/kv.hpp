@@ -17,7 +17,8 @@
 // newline, and then closes gracefully. A line longer than `max_line` bytes is
 // answered with "ERR line too long" and ends the connection gracefully: the
 // rest of the line is read and discarded, so the error reply is not destroyed
-// by the RST that closing with unread input would cause (DESIGN.md row 7).
+// by the RST that closing with unread input would cause (docs/design.md,
+// 'Kernel experiments', row 7).
 
 #include <cstddef>
 #include <cstdint>
