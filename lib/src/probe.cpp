@@ -28,20 +28,20 @@ std::optional<std::uint64_t> ioctl_count(int fd, unsigned long request) noexcept
 
 }  // namespace
 
-socket_probe probe(int fd, unsigned fields) noexcept {
+socket_probe probe(int fd, probe_fields fields) noexcept {
   socket_probe p;
   if (fd < 0) return p;
-  if (fields & probe_state) {
+  if (fields.has(probe_field::state)) {
     tcp_info info{};
     socklen_t len = sizeof(info);
     if (::getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &len) == 0 && len > 0 && info.tcpi_state <= 11) {
       p.state = static_cast<tcp_state>(info.tcpi_state);
     }
   }
-  if (fields & probe_unread) p.unread = ioctl_count(fd, SIOCINQ);
-  if (fields & probe_unacked) p.unacked = ioctl_count(fd, SIOCOUTQ);
+  if (fields.has(probe_field::unread)) p.unread = ioctl_count(fd, SIOCINQ);
+  if (fields.has(probe_field::unacked)) p.unacked = ioctl_count(fd, SIOCOUTQ);
   // SIOCOUTQNSD exists for TCP only; Unix sockets answer EOPNOTSUPP.
-  if (fields & probe_unsent) p.unsent = ioctl_count(fd, SIOCOUTQNSD);
+  if (fields.has(probe_field::unsent)) p.unsent = ioctl_count(fd, SIOCOUTQNSD);
   return p;
 }
 

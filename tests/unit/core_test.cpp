@@ -976,10 +976,84 @@ TEST(vocabulary, policies_round_trip) {
   EXPECT_EQ(untouched, close_policy::fin_close);
 }
 
+// ---------------------------------------------------------------------------
+// A server's drain and an exchange the application holds open: facts the
+// machine records, so that the cause and "is it idle" are decided here.
+
+TEST(server_drain, our_fin_then_the_peers_during_a_drain_is_server_drain) {
+  connection_state s;
+  ASSERT_TRUE(s.on(event::drain()).accepted);
+  EXPECT_TRUE(s.drain_requested());
+  EXPECT_TRUE(s.on(event::close_with(close_policy::graceful)).todo.has(action::send_fin));
+  EXPECT_TRUE(s.on(event::read_eof()).todo.has(action::finished));
+  EXPECT_EQ(s.cause(), close_cause::server_drain);
+  EXPECT_EQ(s.first_fin(), side::local);
+  EXPECT_EQ(s.time_wait_holder(), side::local);
+}
+
+TEST(server_drain, the_peers_fin_first_during_a_drain_is_server_drain) {
+  connection_state s;
+  ASSERT_TRUE(s.on(event::read_eof()).accepted);
+  ASSERT_TRUE(s.on(event::drain()).accepted);
+  EXPECT_TRUE(s.on(event::close_with(close_policy::graceful)).todo.has(action::finished));
+  EXPECT_EQ(s.cause(), close_cause::server_drain);
+  EXPECT_EQ(s.first_fin(), side::peer);
+}
+
+TEST(server_drain, a_reset_or_a_timeout_during_a_drain_keeps_its_own_cause) {
+  connection_state reset;
+  reset.on(event::drain());
+  reset.on(event::close_with(close_policy::graceful));
+  reset.on(event::read_failed(io_error::reset));
+  EXPECT_EQ(reset.cause(), close_cause::peer_reset_idle);
+  connection_state timeout;
+  timeout.on(event::drain());
+  timeout.on(event::close_with(close_policy::graceful));
+  timeout.on(event::timer_fired());
+  EXPECT_EQ(timeout.cause(), close_cause::linger_timeout);
+  connection_state abort;
+  abort.on(event::drain());
+  abort.on(event::close_with(close_policy::abortive));
+  EXPECT_EQ(abort.cause(), close_cause::local_abort);
+}
+
+TEST(server_drain, without_a_drain_the_same_close_is_ours_then_peer_fin) {
+  connection_state s;
+  s.on(event::close_with(close_policy::graceful));
+  s.on(event::read_eof());
+  EXPECT_FALSE(s.drain_requested());
+  EXPECT_EQ(s.cause(), close_cause::ours_then_peer_fin);
+}
+
+TEST(server_drain, a_finished_connection_rejects_it) {
+  connection_state s;
+  s.on(event::close_with(close_policy::abortive));
+  ASSERT_TRUE(s.finished());
+  expect_rejected(s, event::drain());
+  expect_rejected(s, event::open_exchange());
+  EXPECT_EQ(s.cause(), close_cause::local_abort);
+}
+
+TEST(exchange_open, holds_the_exchange_open_until_marked_complete) {
+  connection_state s;
+  s.on(event::read(10));
+  s.on(event::write_start(25));
+  s.on(event::wrote(25));  // an interim answer (HTTP 100 Continue) answered the input
+  EXPECT_FALSE(s.mid_exchange());
+  ASSERT_TRUE(s.on(event::open_exchange()).accepted);
+  EXPECT_TRUE(s.mid_exchange());
+  s.on(event::write_start(5));
+  s.on(event::wrote(5));  // a write's completion does not close an exchange held open
+  EXPECT_TRUE(s.mid_exchange());
+  s.on(event::complete());
+  EXPECT_FALSE(s.mid_exchange());
+  EXPECT_TRUE(s.exchange_complete());
+}
+
 TEST(vocabulary, every_enum_value_has_a_name) {
   for (std::uint8_t i = 0; i <= static_cast<std::uint8_t>(close_cause::server_drain); ++i)
     EXPECT_NE(to_string(static_cast<close_cause>(i)), "?") << int{i};
-  for (std::uint8_t i = 0; i <= static_cast<std::uint8_t>(event::kind::local_error); ++i)
+  for (std::uint8_t i = 0; i <= static_cast<std::uint8_t>(event::kind::server_drain); ++i)
     EXPECT_NE(to_string(static_cast<event::kind>(i)), "?") << int{i};
   EXPECT_EQ(to_string(static_cast<close_cause>(200)), "?");
 }

@@ -67,9 +67,10 @@ std::string_view to_string(drain_end d) noexcept {
   return name_of(d, names);
 }
 std::string_view to_string(event::kind k) noexcept {
-  static constexpr std::array<std::string_view, 11> names{
-      "bytes_read",     "eof",   "read_error",     "write_started",     "write_done", "write_error",
-      "shutdown_write", "close", "linger_timeout", "exchange_complete", "local_error"};
+  static constexpr std::array<std::string_view, 13> names{
+      "bytes_read",     "eof",   "read_error",     "write_started",     "write_done",  "write_error",
+      "shutdown_write", "close", "linger_timeout", "exchange_complete", "local_error", "exchange_open",
+      "server_drain"};
   return name_of(k, names);
 }
 
@@ -116,7 +117,7 @@ phase connection_state::current_phase() const noexcept {
 }
 
 bool connection_state::mid_exchange() const noexcept {
-  return !exchange_complete_ && (unanswered_input_ || writes_in_flight_ > 0);
+  return !exchange_complete_ && (unanswered_input_ || exchange_open_ || writes_in_flight_ > 0);
 }
 
 side connection_state::time_wait_holder() const noexcept {
@@ -131,6 +132,9 @@ actions connection_state::finish(close_cause c) noexcept {
   finished_ = true;
   closing_ = true;
   draining_ = false;
+  // A drain that ended in an orderly exchange of FINs: the drain is why.
+  if (drain_requested_ && (c == close_cause::ours_then_peer_fin || c == close_cause::peer_fin_then_ours))
+    c = close_cause::server_drain;
   cause_ = c;
   if (read_ == read_state::open) read_ = read_state::shut;
   return action::close | action::finished;
@@ -331,6 +335,16 @@ step connection_state::on(const event& e) noexcept {
     case k::exchange_complete:
       exchange_complete_ = true;
       unanswered_input_ = false;
+      exchange_open_ = false;
+      return {};
+
+    case k::exchange_open:
+      exchange_open_ = true;
+      exchange_complete_ = false;
+      return {};
+
+    case k::server_drain:
+      drain_requested_ = true;
       return {};
 
     case k::local_error:

@@ -44,16 +44,23 @@ struct socket_probe {
 };
 
 /// What to read: each field costs one syscall.
-enum probe_field : unsigned {
-  probe_state = 1u << 0,    ///< TCP_INFO
-  probe_unread = 1u << 1,   ///< SIOCINQ
-  probe_unacked = 1u << 2,  ///< SIOCOUTQ
-  probe_unsent = 1u << 3,   ///< SIOCOUTQNSD
-  probe_all = 0xfu,
+enum class probe_field : std::uint8_t {
+  state = 1u << 0,    ///< TCP_INFO
+  unread = 1u << 1,   ///< SIOCINQ
+  unacked = 1u << 2,  ///< SIOCOUTQ
+  unsent = 1u << 3,   ///< SIOCOUTQNSD
 };
+/// A set of `probe_field`s.
+using probe_fields = flag_set<probe_field>;
+constexpr probe_fields operator|(probe_field a, probe_field b) noexcept { return probe_fields{a} | probe_fields{b}; }
+inline constexpr probe_field probe_state = probe_field::state;
+inline constexpr probe_field probe_unread = probe_field::unread;
+inline constexpr probe_field probe_unacked = probe_field::unacked;
+inline constexpr probe_field probe_unsent = probe_field::unsent;
+inline constexpr probe_fields probe_all = probe_state | probe_unread | probe_unacked | probe_unsent;
 
 /// Reads TCP_INFO, SIOCINQ, SIOCOUTQ and SIOCOUTQNSD of `fd` (those in
 /// `fields`). Never throws.
-socket_probe probe(int fd, unsigned fields = probe_all) noexcept;
+socket_probe probe(int fd, probe_fields fields = probe_all) noexcept;
 
 }  // namespace closewise

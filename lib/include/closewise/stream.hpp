@@ -170,12 +170,33 @@ class basic_stream {
   std::chrono::steady_clock::time_point read_pending_since() const noexcept { return impl_->app_read_started; }
 
   /// The kernel's view now: TCP state, SIOCINQ, SIOCOUTQ, SIOCOUTQNSD (those in `fields`).
-  socket_probe probe(unsigned fields = probe_all) const noexcept { return closewise::probe(impl_->fd(), fields); }
+  socket_probe probe(probe_fields fields = probe_all) const noexcept { return closewise::probe(impl_->fd(), fields); }
 
   /// The application declares that the requester has everything it asked
   /// for (e.g. the whole response was written). rst_if_safe needs this.
   /// New input clears the mark.
   void mark_exchange_complete() { impl_->feed(event::complete()); }
+
+  /// The application says an exchange is in progress although no input is
+  /// unanswered (after an interim response such as HTTP 100 Continue):
+  /// `state().mid_exchange()` holds until `mark_exchange_complete`.
+  void mark_exchange_open() { impl_->feed(event::open_exchange()); }
+
+  /// A server's drain ends this connection: if it ends with both FINs, the
+  /// report's cause is server_drain (the state machine decides, not the caller).
+  void note_server_drain() { impl_->feed(event::drain()); }
+
+  /// True when the connection has waited for a new exchange since `cutoff`
+  /// or longer: an application read is pending since then, nothing is
+  /// unanswered or held open, no close began, and no input waits unread
+  /// (preloaded, or in the kernel: a request that came as the caller looked,
+  /// which a graceful close would read and discard). One SIOCINQ probe.
+  bool idle_since(std::chrono::steady_clock::time_point cutoff) const noexcept {
+    const auto& i = *impl_;
+    if (i.core.closing() || !i.app_read_in_flight || i.core.mid_exchange() || i.app_read_started > cutoff) return false;
+    if (i.preloaded_left() > 0) return false;
+    return probe(probe_unread).unread.value_or(0) == 0;
+  }
 
   /// Records that the connection ends because of a timeout its owner enforced
   /// outside the stream (a server's wait for the first byte): the close
@@ -199,21 +220,6 @@ class basic_stream {
     impl_->preloaded = std::move(bytes);
     impl_->preloaded_taken = 0;
   }
-  /// For a socket whose input was read to its end (a short read) before it
-  /// was registered with the reactor, and registered since on this thread
-  /// with nothing run in between: the stream's next read waits for the
-  /// socket to become readable instead of trying it first, which would cost
-  /// a recv answering EAGAIN. Sound because the reactor registers the socket
-  /// edge-triggered and epoll reports readiness present when a socket is
-  /// added: a readiness wait armed now sees a FIN already queued behind the
-  /// bytes, and bytes, a FIN or a reset that come later. (After a short read
-  /// of a socket registered earlier, the event for a FIN behind the bytes
-  /// may already have been handled, and a wait would miss it: do not call
-  /// it then.) Saves a server-close connection's drain the read that finds
-  /// nothing before the client's FIN. Public Asio only: one async_wait,
-  /// which costs no syscall. A no-op for layers that cannot wait.
-  void expect_input_event() { impl_type::arm_input_event(impl_); }
-
   /// Preloaded bytes no read has taken yet.
   std::size_t preloaded() const noexcept { return impl_->preloaded_left(); }
 

@@ -152,10 +152,8 @@ void reject(server_state& srv, int fd) {
 
 // Gives an accepted descriptor to the next worker: a session at once, or a
 // wait for its input (start_on_input). A client that sent its request with
-// the handshake has it waiting: on this thread, it is read before the socket
-// is registered, so that the stream can wait for the registration's
-// readiness event instead of trying a read that finds nothing
-// (basic_stream::expect_input_event).
+// the handshake has it waiting: on this thread it is read at once, so that a
+// complete request starts its session without a wait or a wake-up.
 void hand_off(const std::shared_ptr<server_state>& srv, int fd, const asio::generic::stream_protocol::endpoint& from) {
   const auto& o = srv->opts;
   worker& home = srv->acceptor_home();

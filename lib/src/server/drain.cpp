@@ -29,17 +29,12 @@ void server_state::start_drain() {
 // A drain's graceful close of the connections that are idle: waiting for
 // a new exchange, for the grace at least, with no input in the kernel either.
 void server_state::close_idle(worker& w) {
-  const auto now = clock::now();
+  const auto cutoff = clock::now() - opts.drain_idle_grace;
   for (connection_impl* c : w.connections) {
-    if (c->io.state().closing()) continue;
-    if (c->io.read_pending() && !c->io.state().mid_exchange() && !c->exchange_open &&
-        now - c->io.read_pending_since() >= opts.drain_idle_grace &&
-        // Bytes its pending read has not taken yet: a request that came as
-        // the drain did; a graceful close would read and discard it.
-        c->io.preloaded() == 0 && c->io.probe(probe_unread).unread.value_or(0) == 0) {
-      c->drained = true;
-      c->io.async_close(close_policy::graceful, [](close_report) {});
-    }
+    if (!c->io.idle_since(cutoff)) continue;
+    c->drained = true;
+    c->io.note_server_drain();
+    c->io.async_close(close_policy::graceful, [](close_report) {});
   }
 }
 

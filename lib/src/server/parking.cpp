@@ -24,12 +24,9 @@ void unpark(const std::shared_ptr<server_state>& srv, worker& w, parked_list::it
   const peer_address peer = it->peer;
   const session_start start = it->start;
   const clock::time_point since = it->has_input ? it->input_since : clock::now();
-  // Made here, on the socket's thread and before anything else runs: a
-  // socket read before its registration has its readiness wait armed at once.
   stream io = make_stream(*srv, std::move(it->sock), peer);
   if (!it->input.empty()) io.preload(std::move(it->input));
   if (it->error != 0) io.note_socket_error(error_code(it->error, asio::error::get_system_category()));
-  if (it->read_before_registration) io.expect_input_event();
   (it->has_input ? w.partial : w.parked).erase(it);
   srv->counters.unparked();
   asio::co_spawn(w.ioc, run_session(srv, &w, std::move(io), peer, start, since), asio::detached);
@@ -81,7 +78,6 @@ bool on_readable(const std::shared_ptr<server_state>& srv, worker& w, parked_lis
 }
 
 void wait_for_input(const std::shared_ptr<server_state>& srv, worker& w, parked_list::iterator it) {
-  it->read_before_registration = false;  // the reads after this wait follow the registration
   it->sock.async_wait(asio::socket_base::wait_read,
                       [srv, w = &w, it](const error_code&) { static_cast<void>(on_readable(srv, *w, it)); });
 }
@@ -140,8 +136,6 @@ void park(const std::shared_ptr<server_state>& srv, worker& w, socket s, peer_ad
   const auto deadline = idle.count() > 0 ? now + idle : clock::time_point::max();
   w.parked.emplace_back(std::move(s), peer, now, deadline);
   const auto it = std::prev(w.parked.end());
-  it->read_before_registration =
-      first != nullptr && first->n > 0 && static_cast<std::size_t>(first->n) < srv->opts.input_limit;
   srv->counters.parked();
   if (srv->draining) {
     // Accepted as the drain began, after its pass over this worker. A proxy

@@ -68,7 +68,6 @@ struct parked_connection {
   clock::time_point input_since;               // its first byte arrived; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
-  bool read_before_registration = false;       // its input was read to a short read before the reactor had it
   int error = 0;                               // what a read met (ECONNRESET), for the session
   std::string input;                           // read so far, for the session's stream (basic_stream::preload)
 };
@@ -117,7 +116,6 @@ struct connection_impl {
   bool writer_running = false;
   error_code write_error;
   asio::steady_timer queue_signal;  // cancelled whenever the queue shrank or failed
-  bool exchange_open = false;       // the session said an exchange is in progress
   bool drained = false;             // closed by a drain while idle
   bool forced = false;              // reset at the drain deadline
 

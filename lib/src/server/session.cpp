@@ -29,11 +29,8 @@ bool connection::draining() const noexcept { return impl_->owner->draining.load(
 void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
 close_policy connection::policy() const noexcept { return impl_->policy; }
 std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
-void connection::mark_exchange_complete() {
-  impl_->exchange_open = false;
-  impl_->io.mark_exchange_complete();
-}
-void connection::mark_exchange_open() noexcept { impl_->exchange_open = true; }
+void connection::mark_exchange_complete() { impl_->io.mark_exchange_complete(); }
+void connection::mark_exchange_open() noexcept { impl_->io.mark_exchange_open(); }
 
 namespace internal {
 
@@ -141,7 +138,9 @@ asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, 
     closewise::logger()->info("[conn {}] idle timeout before the first byte", c->io.id());
     c->io.note_timeout(timeout_kind::idle);
   } else {
+    // A drain met it silent while it waited for its first byte.
     c->drained = true;
+    c->io.note_server_drain();
     c->policy = close_policy::graceful;
   }
   if (!c->io.report()) {
@@ -149,12 +148,7 @@ asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, 
     co_await c->io.async_close(c->policy, use_tuple);
   }
   w->connections.erase(c->registration);
-  close_report r = *c->io.report();
-  // A drain ended this idle connection: that is its cause. first_fin and
-  // time_wait still say how the FINs went.
-  if (c->drained && (r.cause == close_cause::ours_then_peer_fin || r.cause == close_cause::peer_fin_then_ours))
-    r.cause = close_cause::server_drain;
-  srv->connection_done(c, r);
+  srv->connection_done(c, *c->io.report());
 }
 
 // Runs on the worker that owned the connection, after its close report.

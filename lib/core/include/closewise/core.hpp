@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 namespace closewise {
 
@@ -127,24 +128,30 @@ enum class action : std::uint8_t {
   finished = 1u << 5,         ///< the connection is over: emit the close report (exactly once)
 };
 
-/// A set of `action`s.
-class actions {
+/// A set of flags of the enum `E`, each enumerator a distinct bit: the one
+/// style of bit flags in closewise's public API (`actions`, `probe_fields`).
+template <class E>
+class flag_set {
  public:
-  constexpr actions() noexcept = default;
-  constexpr actions(action a) noexcept : bits_(static_cast<std::uint8_t>(a)) {}  // NOLINT: implicit by design
-  constexpr bool has(action a) const noexcept { return (bits_ & static_cast<std::uint8_t>(a)) != 0; }
+  using bits_type = std::underlying_type_t<E>;
+  constexpr flag_set() noexcept = default;
+  constexpr flag_set(E e) noexcept : bits_(static_cast<bits_type>(e)) {}  // NOLINT: implicit by design
+  constexpr bool has(E e) const noexcept { return (bits_ & static_cast<bits_type>(e)) != 0; }
   constexpr bool empty() const noexcept { return bits_ == 0; }
-  constexpr actions& operator|=(actions o) noexcept {
+  constexpr flag_set& operator|=(flag_set o) noexcept {
     bits_ |= o.bits_;
     return *this;
   }
-  friend constexpr actions operator|(actions a, actions b) noexcept { return a |= b; }
-  friend constexpr bool operator==(actions, actions) noexcept = default;
-  constexpr std::uint8_t bits() const noexcept { return bits_; }
+  friend constexpr flag_set operator|(flag_set a, flag_set b) noexcept { return a |= b; }
+  friend constexpr bool operator==(flag_set, flag_set) noexcept = default;
+  constexpr bits_type bits() const noexcept { return bits_; }
 
  private:
-  std::uint8_t bits_ = 0;
+  bits_type bits_ = 0;
 };
+
+/// A set of `action`s.
+using actions = flag_set<action>;
 constexpr actions operator|(action a, action b) noexcept { return actions{a} | actions{b}; }
 std::string to_string(actions);
 
@@ -175,6 +182,8 @@ struct event {
     linger_timeout,     ///< the graceful drain's timer fired
     exchange_complete,  ///< the application says the requester has everything it asked for
     local_error,        ///< an error on our side ends the connection (e.g. a timeout)
+    exchange_open,      ///< the application says an exchange is in progress though no input is unanswered
+    server_drain,       ///< a server's drain ends this connection: an orderly end is reported as server_drain
   };
   kind what{};
   std::uint64_t bytes = 0;
@@ -200,6 +209,8 @@ struct event {
   }
   static event timer_fired() noexcept { return {kind::linger_timeout}; }
   static event complete() noexcept { return {kind::exchange_complete}; }
+  static event open_exchange() noexcept { return {kind::exchange_open}; }
+  static event drain() noexcept { return {kind::server_drain}; }
   static event failed_locally(close_cause c = close_cause::local_error) noexcept {
     event e{kind::local_error};
     e.cause = c;
@@ -252,8 +263,12 @@ class connection_state {
   std::uint64_t bytes_sent() const noexcept { return sent_; }
   std::uint32_t writes_in_flight() const noexcept { return writes_in_flight_; }
   /// True when input arrived that no completed write has answered yet, or a
-  /// write is in flight, and the application has not marked the exchange complete.
+  /// write is in flight, or the application said an exchange is open
+  /// (`exchange_open`), and the application has not marked the exchange complete.
   bool mid_exchange() const noexcept;
+  /// A server's drain ends this connection (`server_drain`): if it ends with
+  /// both FINs, its cause is server_drain.
+  bool drain_requested() const noexcept { return drain_requested_; }
   bool exchange_complete() const noexcept { return exchange_complete_; }
 
   /// Whose FIN went first (none yet, local, peer).
@@ -290,6 +305,8 @@ class connection_state {
   bool close_after_flush_ = false;  // fin_close / graceful waiting for writes in flight
   bool exchange_complete_ = false;
   bool unanswered_input_ = false;
+  bool exchange_open_ = false;
+  bool drain_requested_ = false;
   bool peer_fin_notified_ = false;
   std::uint32_t writes_in_flight_ = 0;
   std::uint64_t delivered_ = 0;

@@ -13,7 +13,7 @@ template <class Buffers>
 struct basic_stream<NextLayer>::read_op {
   std::shared_ptr<impl_type> impl;
   Buffers buffers;
-  enum { starting, awaiting_input, reading, posted } stage = starting;
+  enum { starting, reading, posted } stage = starting;
   error_code posted_ec{};
 
   template <class Self>
@@ -46,20 +46,8 @@ struct basic_stream<NextLayer>::read_op {
           asio::post(asio::append(std::move(self), std::exchange(impl->pending_socket_error, {}), std::size_t{0}));
           return;
         }
-        if (impl->wait_for_input_event(self, impl->read_cancel.slot())) {
-          stage = awaiting_input;
-          return;
-        }
         impl->next.async_read_some(buffers, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
         return;
-      case awaiting_input:
-        if (!ec) {
-          // Readable: this read finds what came (bytes, a FIN or an error).
-          stage = reading;
-          impl->next.async_read_some(buffers, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
-          return;
-        }
-        [[fallthrough]];  // the wait failed or was cancelled (a timeout, a close): the read ends with it
       case reading:
         impl->app_read_in_flight = false;
         impl->on_read(ec, n);
@@ -173,7 +161,7 @@ template <class NextLayer>
 struct basic_stream<NextLayer>::close_op {
   std::shared_ptr<impl_type> impl;
   close_policy policy;
-  enum { starting, safe_wait, drain_waiting, draining, waiting_finish, posted } stage = starting;
+  enum { starting, safe_wait, draining, waiting_finish, posted } stage = starting;
   std::chrono::milliseconds poll{1};
   typename impl_type::clock::time_point safe_deadline{};
   std::unique_ptr<asio::steady_timer> poll_timer{};
@@ -205,13 +193,6 @@ struct basic_stream<NextLayer>::close_op {
         return decide(self, policy == close_policy::rst_if_safe ? queues_now() : queue_probe{});
       case safe_wait:
         return safe_poll(self);
-      case drain_waiting:
-        if (!ec) {
-          stage = draining;
-          s.next.async_read_some(drain_target(), std::move(self));
-          return;
-        }
-        [[fallthrough]];  // the wait failed or was cancelled: handled as the read would be
       case draining:
         s.on_read(ec, n);
         if (ec == asio::error::operation_aborted && !s.core.finished() && s.core.draining()) {
@@ -292,10 +273,6 @@ struct basic_stream<NextLayer>::close_op {
   template <class Self>
   void drain(Self& self) {
     auto& s = *impl;
-    if (s.wait_for_input_event(self, asio::cancellation_slot{})) {
-      stage = drain_waiting;
-      return;
-    }
     stage = draining;
     s.next.async_read_some(drain_target(), std::move(self));
   }

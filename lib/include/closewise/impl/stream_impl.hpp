@@ -34,13 +34,6 @@ namespace closewise {
 
 namespace detail {
 
-// Sockets can wait for readiness (async_wait); other layers (a test's fake
-// socket) simply read.
-template <class NextLayer>
-concept waitable_layer = requires(NextLayer& n) {
-  n.async_wait(asio::socket_base::wait_read, [](const error_code&) {});
-};
-
 inline std::uint64_t next_connection_id() noexcept {
   static std::atomic<std::uint64_t> next{1};
   return next.fetch_add(1, std::memory_order_relaxed);
@@ -86,11 +79,6 @@ struct stream_impl {
   bool app_read_in_flight = false;
   bool app_write_in_flight = false;
   clock::time_point app_read_started{};  // when the read in flight began (how long it has waited)
-  // expect_input_event: a readiness wait armed when the socket was
-  // registered, not completed yet. While it is pending, the socket has shown
-  // no input since its registration, so a read waits for readiness first
-  // instead of trying the socket (a recv that would answer EAGAIN).
-  bool input_event_pending = false;
 
   // Per-operation timeouts. One timer per direction, armed lazily: a
   // completed operation does not cancel it; the handler re-checks the
@@ -149,10 +137,10 @@ struct stream_impl {
       // Only what the report can use: input read to the FIN (or cut by a
       // reset) leaves nothing unread, and unacknowledged bytes are lost only
       // when we reset. A teardown costs one probe syscall in the common case.
-      unsigned fields = opts.probe_final_state ? probe_state : 0u;
+      probe_fields fields = opts.probe_final_state ? probe_fields{probe_state} : probe_fields{};
       if (core.read() != read_state::peer_fin && core.read() != read_state::reset) fields |= probe_unread;
       if (todo.has(action::send_rst)) fields |= probe_unacked;
-      if (fields != 0) last = probe(fd(), fields);
+      if (!fields.empty()) last = probe(fd(), fields);
       if (todo.has(action::send_rst)) {
         // An explicit close after linger {1,0}: Asio's destructor would turn
         // the linger off and send a FIN instead (docs/design.md, 'Abortive
@@ -199,31 +187,6 @@ struct stream_impl {
     // describe() formats a whole line: only when it will be printed.
     if (closewise::logger()->should_log(level)) log(level, "closed: {}", report->describe());
     if (on_close) on_close(*report);
-  }
-
-  // basic_stream::expect_input_event.
-  static void arm_input_event(const std::shared_ptr<stream_impl>& self) {
-    if constexpr (waitable_layer<NextLayer>) {
-      if (self->input_event_pending || !self->next.is_open()) return;
-      self->input_event_pending = true;
-      self->next.async_wait(asio::socket_base::wait_read, [weak = std::weak_ptr<stream_impl>(self)](const error_code&) {
-        if (const auto s = weak.lock()) s->input_event_pending = false;
-      });
-    }
-  }
-
-  // While the registration's readiness wait is pending, an operation waits
-  // for readiness too (queued behind it, both complete on the same event)
-  // and reads once it completes. Returns whether it waits.
-  template <class Self>
-  bool wait_for_input_event(Self& self, asio::cancellation_slot slot) {
-    if constexpr (waitable_layer<NextLayer>) {
-      if (!input_event_pending) return false;
-      next.async_wait(asio::socket_base::wait_read, asio::bind_cancellation_slot(slot, std::move(self)));
-      return true;
-    } else {
-      return false;
-    }
   }
 
   std::size_t preloaded_left() const noexcept { return preloaded.size() - preloaded_taken; }
