@@ -73,7 +73,9 @@ void print_table(std::ostream& out, const std::vector<table_column>& cols,
   for (const auto& texts : rows) {
     out << rule << '\n';
     std::vector<std::vector<std::string>> cells;
-    for (std::size_t c = 0; c < cols.size(); ++c) cells.push_back(wrap(c < texts.size() ? texts[c] : "", cols[c].width));
+    for (std::size_t c = 0; c < cols.size(); ++c) {
+      cells.push_back(wrap(c < texts.size() ? std::string_view(texts[c]) : std::string_view{}, cols[c].width));
+    }
     print_line(cells);
   }
   out << rule << '\n';

@@ -41,15 +41,9 @@ void print_table(std::ostream& out, const std::vector<demo::scenario_result>& ro
       texts.push_back(
           {std::to_string(r.number), r.title, r.closer, "", "skipped: " + r.skip_reason, "", "", "skipped", "-"});
     } else {
-      texts.push_back({std::to_string(r.number),
-                       r.title,
-                       r.closer,
-                       demo::human_bytes(r.expected_bytes) + " / " + demo::human_bytes(r.received_bytes),
-                       r.client_saw,
-                       r.server_saw,
-                       r.time_wait_detail,
-                       r.verdict(),
-                       r.matches ? "yes" : "NO"});
+      texts.push_back({std::to_string(r.number), r.title, r.closer,
+                       demo::human_bytes(r.expected_bytes) + " / " + demo::human_bytes(r.received_bytes), r.client_saw,
+                       r.server_saw, r.time_wait_detail, r.verdict(), r.matches ? "yes" : "NO"});
     }
   }
   closewise::app::print_table(out, cols, texts);
