@@ -336,6 +336,12 @@ scenario_result done(scenario_result res) {
   return res;
 }
 
+// Reads the rest of the response, until the stream ends, then closes (FIN).
+void read_to_end_then_close(exchange& x, const options& opts) {
+  read_response(x.client, x.r, until_end, opts.wait_limit);
+  x.client.close();
+}
+
 // The request of `start` for a GET of `size` response bytes (on --target, at
 // the path --target-path names).
 std::function<std::string(const context&)> request_bytes(std::uint64_t size, bool close) {
@@ -425,8 +431,7 @@ scenario_result server_closes_after_large_response(const options& opts, int numb
   read_response(c, r, total - reserve, opts.wait_limit);
   const auto left = wait_server_left_established(x->ctx->server_port, x->port, opts.wait_limit);
   if (!left) return failed(res, "the server never closed (its write did not complete)");
-  read_response(c, r, until_end, opts.wait_limit);
-  c.close();
+  read_to_end_then_close(*x, opts);
   finish(res, *x, "",
          number == 5
              ? expectation{.client_end = {read_end::eof},
@@ -455,8 +460,7 @@ scenario_result server_resets_when_safe(const options& opts) {
   if (opts.target) return skipped(res, "needs the server's teardown policy: in-process only");
   auto x = start(res, opts, close_policy::rst_if_safe, 0, request_bytes(opts.size, true));
   if (!x) return res;
-  read_response(x->client, x->r, until_end, opts.wait_limit);  // in-process: the pattern is checked
-  x->client.close();
+  read_to_end_then_close(*x, opts);  // in-process: the pattern is checked
   finish(res, *x, "",
          {.client_end = {read_end::reset},
           .server_cause = {close_cause::safe_reset},
@@ -476,8 +480,7 @@ scenario_result client_half_closes(const options& opts) {
   auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, false));
   if (!x) return res;
   x->client.shutdown_write();
-  read_response(x->client, x->r, until_end, opts.wait_limit);
-  x->client.close();
+  read_to_end_then_close(*x, opts);
   finish(res, *x, "",
          {.client_end = {read_end::eof},
           .server_cause = {close_cause::peer_fin_then_ours},
@@ -499,8 +502,7 @@ scenario_result body_over_limit(const options& opts) {
   auto x = start(res, opts, close_policy::graceful, 0, [&](const context&) { return request; });
   if (!x) return res;
   x->r.check_pattern = false;  // the 413's body is not the pattern
-  read_response(x->client, x->r, until_end, opts.wait_limit);
-  x->client.close();
+  read_to_end_then_close(*x, opts);
   finish(res, *x, "",
          {.client_end = {read_end::eof},
           .server_cause = {close_cause::ours_then_peer_fin},
