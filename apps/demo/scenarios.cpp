@@ -330,6 +330,15 @@ void finish(scenario_result& res, exchange& x, std::string_view our_action, cons
   }
 }
 
+// A scenario's result before it runs: its number, what happens, who closes how.
+scenario_result titled(int number, std::string title, std::string closer) {
+  scenario_result res;
+  res.number = number;
+  res.title = std::move(title);
+  res.closer = std::move(closer);
+  return res;
+}
+
 // The scenario's outcome: it matches when nothing deviated.
 scenario_result done(scenario_result res) {
   res.matches = res.mismatch.empty();
@@ -352,11 +361,10 @@ std::function<std::string(const context&)> request_bytes(std::uint64_t size, boo
 
 // 1 and 2: the client has everything, then ends the connection itself.
 scenario_result client_closes_after_full_response(const options& opts, bool with_rst) {
-  scenario_result res{.number = with_rst ? 1 : 2,
-                      .title = with_rst ? "client reads the whole response, then resets"
-                                        : "client reads the whole response, then closes",
-                      .closer = with_rst ? "client: RST (SO_LINGER 0) after the last byte"
-                                         : "client: close() (FIN) after the last byte"};
+  scenario_result res =
+      titled(with_rst ? 1 : 2,
+             with_rst ? "client reads the whole response, then resets" : "client reads the whole response, then closes",
+             with_rst ? "client: RST (SO_LINGER 0) after the last byte" : "client: close() (FIN) after the last byte");
   auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, false));
   if (!x) return res;
   read_response(x->client, x->r, whole_body, opts.wait_limit);
@@ -379,9 +387,7 @@ scenario_result client_closes_after_full_response(const options& opts, bool with
 
 // 3: the client resets while the server is still writing.
 scenario_result client_resets_mid_response(const options& opts) {
-  scenario_result res{.number = 3,
-                      .title = "client resets after the response head",
-                      .closer = "client: RST while the server still writes"};
+  scenario_result res = titled(3, "client resets after the response head", "client: RST while the server still writes");
   auto x = start(res, opts, close_policy::graceful, small_rcvbuf, request_bytes(unbufferable_size(opts.size), false));
   if (!x) return res;
   read_response(x->client, x->r, 0, opts.wait_limit);  // the head (and whatever body came with it)
@@ -399,13 +405,13 @@ scenario_result client_resets_mid_response(const options& opts) {
 // 4, 5, 6: the server closes right after writing a large Connection: close
 // response, with the client's pipelined request unread (4, 5) or not (6).
 scenario_result server_closes_after_large_response(const options& opts, int number) {
-  scenario_result res{.number = number,
-                      .title = number == 4   ? "server closes at once with a pipelined request unread"
+  scenario_result res = titled(number,
+                               number == 4   ? "server closes at once with a pipelined request unread"
                                : number == 5 ? "the same, with the graceful close"
                                              : "server resets right after writing the response",
-                      .closer = number == 4   ? "server: fin_close (FIN + close) after Connection: close"
-                                : number == 5 ? "server: graceful (FIN, drain, peer FIN, close)"
-                                              : "server: abortive (SO_LINGER 0 + close)"};
+                               number == 4   ? "server: fin_close (FIN + close) after Connection: close"
+                               : number == 5 ? "server: graceful (FIN, drain, peer FIN, close)"
+                                             : "server: abortive (SO_LINGER 0 + close)");
   const close_policy policy = number == 4   ? close_policy::fin_close
                               : number == 5 ? close_policy::graceful
                                             : close_policy::abortive;
@@ -454,9 +460,8 @@ scenario_result server_closes_after_large_response(const options& opts, int numb
 
 // 7: rst_if_safe after the response: RST once SIOCOUTQ is 0.
 scenario_result server_resets_when_safe(const options& opts) {
-  scenario_result res{.number = 7,
-                      .title = "server resets once everything is acknowledged",
-                      .closer = "server: rst_if_safe (RST when SIOCOUTQ = 0)"};
+  scenario_result res =
+      titled(7, "server resets once everything is acknowledged", "server: rst_if_safe (RST when SIOCOUTQ = 0)");
   if (opts.target) return skipped(res, "needs the server's teardown policy: in-process only");
   auto x = start(res, opts, close_policy::rst_if_safe, 0, request_bytes(opts.size, true));
   if (!x) return res;
@@ -474,9 +479,8 @@ scenario_result server_resets_when_safe(const options& opts) {
 
 // 8: request, then SHUT_WR: the server still answers in full.
 scenario_result client_half_closes(const options& opts) {
-  scenario_result res{.number = 8,
-                      .title = "client half-closes after its request",
-                      .closer = "client: SHUT_WR after its request; server closes after the response"};
+  scenario_result res = titled(8, "client half-closes after its request",
+                               "client: SHUT_WR after its request; server closes after the response");
   auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, false));
   if (!x) return res;
   x->client.shutdown_write();
@@ -490,9 +494,7 @@ scenario_result client_half_closes(const options& opts) {
 
 // 9: a body over the limit: 413, then a graceful close that drains the body.
 scenario_result body_over_limit(const options& opts) {
-  scenario_result res{.number = 9,
-                      .title = "client POSTs a body over the limit",
-                      .closer = "server: 413 + Connection: close, graceful"};
+  scenario_result res = titled(9, "client POSTs a body over the limit", "server: 413 + Connection: close, graceful");
   const std::uint64_t limit = reqresp::http_options{}.max_body_bytes;
   const std::uint64_t body_size = std::max<std::uint64_t>(std::uint64_t{2} << 20, 2 * limit);
   std::string request = fmt::format(
