@@ -762,64 +762,52 @@ def markdown(data: dict, meta: dict, servers: list[str], targets: list[dict], ag
         unit = "req/s" if mode == "keepalive" else "conn/s"
         L.append(f"| {mode} | " + " | ".join(rate_cell(s, mode) for s in servers) + f" | {unit} |")
     L.append("")
+    def mode_table(cell, align: str = "---:|") -> None:
+        """A row per mode, a column per server: cell(server, mode)."""
+        L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
+        L.append("|---|" + align * len(servers))
+        for mode in a["modes"]:
+            L.append(f"| {mode} | " + " | ".join(cell(s, mode) for s in servers) + " |")
+
+    def of_run(cell):
+        """cell(run) where the server ran the mode, – where it did not."""
+        return lambda s, mode: "–" if (r := run_of(runs, s, mode)) is None else cell(r)
+
     L.append("Latency of the whole cycle (keepalive: one request), p50 / p99 in ms:")
     L.append("")
-    L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
-    L.append("|---|" + "---:|" * len(servers))
-    for mode in a["modes"]:
-        cells = []
-        for s in servers:
-            r = run_of(runs, s, mode)
-            cells.append("–" if r is None else
-                         f"{r['result']['latency_us']['p50'] / 1000:.2f} / {r['result']['latency_us']['p99'] / 1000:.2f}")
-        L.append(f"| {mode} | " + " | ".join(cells) + " |")
+    mode_table(of_run(lambda r: f"{r['result']['latency_us']['p50'] / 1000:.2f} / "
+                                f"{r['result']['latency_us']['p99'] / 1000:.2f}"))
     L.append("")
     L.append("Errors (all classes; a response shorter than its Content-Length counts as `truncated`), and CPU "
              "during the run: server / client / other processes (server and client in % of one core, 100% = one "
              "core busy; others in % of the whole machine):")
     L.append("")
-    L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
-    L.append("|---|" + "---|" * len(servers))
-    for mode in a["modes"]:
-        cells = []
-        for s in servers:
-            r = run_of(runs, s, mode)
-            if r is None:
-                cells.append("–")
-                continue
-            errs = {k: v for k, v in r["result"]["errors"].items() if v and k != "total"}
-            e = ", ".join(f"{k} {v:,}" for k, v in errs.items()) or "0 errors"
-            cells.append(f"{e}; CPU {r['server_cpu_pct']:.0f} / {r['client_cpu_pct']:.0f} / {r['others_pct']:.0f}%")
-        L.append(f"| {mode} | " + " | ".join(cells) + " |")
+
+    def errors_cpu(r: dict) -> str:
+        errs = {k: v for k, v in r["result"]["errors"].items() if v and k != "total"}
+        e = ", ".join(f"{k} {v:,}" for k, v in errs.items()) or "0 errors"
+        return f"{e}; CPU {r['server_cpu_pct']:.0f} / {r['client_cpu_pct']:.0f} / {r['others_pct']:.0f}%"
+
+    mode_table(of_run(errors_cpu), align="---|")
     L.append("")
     L.append("Server CPU per cycle (µs of the server process per connection, keepalive: per request). On two "
              "shared cores the client's kernel work (connect, and the handshake and teardown packets it sends, "
              "processed in its context) weighs as much as the server's, which compresses the throughput ratios; "
              "this one is the server's own cost (with rounds: the median of the rounds, then their range):")
     L.append("")
-    L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
-    L.append("|---|" + "---:|" * len(servers))
-    for mode in a["modes"]:
-        cells = []
+
+    def server_cpu(s: str, mode: str) -> str:
         base_us = median_cpu_us(run_of(runs, "nginx", mode))[0]
-        for s in servers:
-            us_, lo, hi = median_cpu_us(run_of(runs, s, mode))
-            rel = f" ({us_ / base_us:.2f}× nginx)" if us_ and base_us and s != "nginx" else ""
-            spread = f", {lo:.1f}–{hi:.1f}" if lo is not None and hi is not None and hi > lo else ""
-            cells.append("–" if us_ is None else f"{us_:.1f}{rel}{spread}")
-        L.append(f"| {mode} | " + " | ".join(cells) + " |")
+        us_, lo, hi = median_cpu_us(run_of(runs, s, mode))
+        rel = f" ({us_ / base_us:.2f}× nginx)" if us_ and base_us and s != "nginx" else ""
+        spread = f", {lo:.1f}–{hi:.1f}" if lo is not None and hi is not None and hi > lo else ""
+        return "–" if us_ is None else f"{us_:.1f}{rel}{spread}"
+
+    mode_table(server_cpu)
     L.append("")
     L.append("## TIME_WAIT left after each run (client side / server side)")
     L.append("")
-    L.append("| mode | " + " | ".join(LABEL[s] for s in servers) + " |")
-    L.append("|---|" + "---:|" * len(servers))
-    for mode in a["modes"]:
-        cells = []
-        for s in servers:
-            r = run_of(runs, s, mode)
-            cells.append("–" if r is None else
-                         f"{r['result']['time_wait']['client']:,} / {r['result']['time_wait']['server']:,}")
-        L.append(f"| {mode} | " + " | ".join(cells) + " |")
+    mode_table(of_run(lambda r: f"{r['result']['time_wait']['client']:,} / {r['result']['time_wait']['server']:,}"))
     L.append("")
     if mem:
         L.append(f"## Memory per connection ({a['idle_connections']:,} connections, server RSS difference)")

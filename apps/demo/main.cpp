@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/app.hpp"
+#include "common/table.hpp"
 #include "demo/scenarios.hpp"
 
 namespace {
@@ -24,94 +25,28 @@ namespace {
 namespace demo = closewise::demo;
 constexpr const char* name = "closewise-demo";
 
-// Splits `text` into lines of at most `width` columns, at spaces where it can.
-std::vector<std::string> wrap(std::string_view text, std::size_t width) {
-  std::vector<std::string> lines;
-  std::string line;
-  std::size_t i = 0;
-  while (i < text.size()) {
-    if (text[i] == ' ') {
-      ++i;
-      continue;
-    }
-    std::size_t end = text.find(' ', i);
-    if (end == std::string_view::npos) end = text.size();
-    std::string_view word = text.substr(i, end - i);
-    i = end;
-    while (!word.empty()) {
-      const std::size_t need = line.empty() ? word.size() : line.size() + 1 + word.size();
-      if (need <= width) {
-        if (!line.empty()) line += ' ';
-        line += word;
-        word = {};
-      } else if (!line.empty()) {
-        lines.push_back(std::move(line));
-        line.clear();
-      } else {  // a word wider than the column: cut it
-        lines.emplace_back(word.substr(0, width));
-        word.remove_prefix(width);
-      }
-    }
-  }
-  if (!line.empty() || lines.empty()) lines.push_back(std::move(line));
-  return lines;
-}
-
 void print_table(std::ostream& out, const std::vector<demo::scenario_result>& rows) {
-  struct column {
-    std::string_view title;
-    std::size_t width;
-  };
-  const std::vector<column> cols{{"#", 1},
-                                 {"scenario", 22},
-                                 {"who closes, how", 24},
-                                 {"response bytes expected / received", 17},
-                                 {"client saw", 22},
-                                 {"server saw (close_cause)", 26},
-                                 {"TIME_WAIT (measured)", 10},
-                                 {"verdict", 9},
-                                 {"as expected", 8}};
-  auto print_line = [&](const std::vector<std::vector<std::string>>& cells) {
-    std::size_t height = 0;
-    for (const auto& c : cells) height = std::max(height, c.size());
-    for (std::size_t line = 0; line < height; ++line) {
-      std::string text;
-      for (std::size_t c = 0; c < cols.size(); ++c) {
-        const std::string& cell = line < cells[c].size() ? cells[c][line] : std::string{};
-        text += cell;
-        if (c + 1 < cols.size()) text += std::string(cols[c].width - std::min(cols[c].width, cell.size()) + 2, ' ');
-      }
-      while (!text.empty() && text.back() == ' ') text.pop_back();
-      out << text << '\n';
-    }
-  };
-  std::size_t total = 0;
-  for (const auto& c : cols) total += c.width + 2;
-  const std::string rule(total - 2, '-');
-  std::vector<std::vector<std::string>> header;
-  for (const auto& c : cols) header.push_back(wrap(c.title, c.width));
-  print_line(header);
+  const std::vector<closewise::app::table_column> cols{{"#", 1},
+                                                       {"scenario", 22},
+                                                       {"who closes, how", 24},
+                                                       {"response bytes expected / received", 17},
+                                                       {"client saw", 22},
+                                                       {"server saw (close_cause)", 26},
+                                                       {"TIME_WAIT (measured)", 10},
+                                                       {"verdict", 9},
+                                                       {"as expected", 8}};
+  std::vector<std::vector<std::string>> texts;
   for (const auto& r : rows) {
-    out << rule << '\n';
-    std::vector<std::string> texts;
     if (r.skipped) {
-      texts = {std::to_string(r.number), r.title, r.closer, "", "skipped: " + r.skip_reason, "", "", "skipped", "-"};
+      texts.push_back(
+          {std::to_string(r.number), r.title, r.closer, "", "skipped: " + r.skip_reason, "", "", "skipped", "-"});
     } else {
-      texts = {std::to_string(r.number),
-               r.title,
-               r.closer,
-               demo::human_bytes(r.expected_bytes) + " / " + demo::human_bytes(r.received_bytes),
-               r.client_saw,
-               r.server_saw,
-               r.time_wait_detail,
-               r.verdict(),
-               r.matches ? "yes" : "NO"};
+      texts.push_back({std::to_string(r.number), r.title, r.closer,
+                       demo::human_bytes(r.expected_bytes) + " / " + demo::human_bytes(r.received_bytes), r.client_saw,
+                       r.server_saw, r.time_wait_detail, r.verdict(), r.matches ? "yes" : "NO"});
     }
-    std::vector<std::vector<std::string>> cells;
-    for (std::size_t c = 0; c < cols.size(); ++c) cells.push_back(wrap(texts[c], cols[c].width));
-    print_line(cells);
   }
-  out << rule << '\n';
+  closewise::app::print_table(out, cols, texts);
 }
 
 nlohmann::ordered_json to_json(const std::vector<demo::scenario_result>& rows, const demo::options& o) {

@@ -17,54 +17,12 @@
 
 #include "closewise/version.hpp"
 #include "common/app.hpp"
+#include "common/table.hpp"
 #include "lab/experiments.hpp"
 
 namespace {
 
 namespace lab = closewise::lab;
-
-// Splits `text` into lines of at most `width` columns, at spaces where it can;
-// '\n' forces a break.
-std::vector<std::string> wrap(std::string_view text, std::size_t width) {
-  std::vector<std::string> lines;
-  std::string line;
-  auto flush = [&] {
-    lines.push_back(line);
-    line.clear();
-  };
-  std::size_t i = 0;
-  while (i < text.size()) {
-    if (text[i] == '\n') {
-      flush();
-      ++i;
-      continue;
-    }
-    if (text[i] == ' ') {
-      ++i;
-      continue;
-    }
-    std::size_t end = text.find_first_of(" \n", i);
-    if (end == std::string_view::npos) end = text.size();
-    std::string_view word = text.substr(i, end - i);
-    i = end;
-    while (!word.empty()) {
-      const std::size_t need = line.empty() ? word.size() : line.size() + 1 + word.size();
-      if (need <= width) {
-        if (!line.empty()) line += ' ';
-        line += word;
-        word = {};
-      } else if (!line.empty()) {
-        flush();
-      } else {  // a word wider than the column: cut it
-        line = word.substr(0, width);
-        word.remove_prefix(width);
-        flush();
-      }
-    }
-  }
-  if (!line.empty() || lines.empty()) flush();
-  return lines;
-}
 
 std::string join(const std::vector<lab::observation>& list, lab::party by, bool with_party) {
   std::string out;
@@ -91,44 +49,15 @@ std::string states_cell(const lab::row& r) {
 }
 
 void print_table(std::ostream& out, const std::vector<lab::row>& rows) {
-  struct column {
-    std::string_view title;
-    std::size_t width;
-  };
-  const std::vector<column> cols{
+  const std::vector<closewise::app::table_column> cols{
       {"#", 2},           {"experiment", 20}, {"what was done", 34}, {"observed (our side / peer side)", 46},
       {"TCP states", 32}, {"expected", 32},   {"match", 5}};
-  auto print_line = [&](const std::vector<std::vector<std::string>>& cells) {
-    std::size_t height = 0;
-    for (const auto& c : cells) height = std::max(height, c.size());
-    for (std::size_t line = 0; line < height; ++line) {
-      std::string text;
-      for (std::size_t c = 0; c < cols.size(); ++c) {
-        const std::string& cell = line < cells[c].size() ? cells[c][line] : std::string{};
-        text += cell;
-        if (c + 1 < cols.size()) text += std::string(cols[c].width - cell.size() + 2, ' ');
-      }
-      while (!text.empty() && text.back() == ' ') text.pop_back();
-      out << text << '\n';
-    }
-  };
-  std::size_t total = 0;
-  for (const auto& c : cols) total += c.width + 2;
-  const std::string rule(total - 2, '-');
-
-  std::vector<std::vector<std::string>> header;
-  for (const auto& c : cols) header.push_back(wrap(c.title, c.width));
-  print_line(header);
+  std::vector<std::vector<std::string>> texts;
   for (const auto& r : rows) {
-    out << rule << '\n';
-    const std::vector<std::string> texts{std::to_string(r.number), r.name,         r.done,
-                                         observed_cell(r),         states_cell(r), r.expected,
-                                         r.matches ? "yes" : "NO"};
-    std::vector<std::vector<std::string>> cells;
-    for (std::size_t c = 0; c < cols.size(); ++c) cells.push_back(wrap(texts[c], cols[c].width));
-    print_line(cells);
+    texts.push_back({std::to_string(r.number), r.name, r.done, observed_cell(r), states_cell(r), r.expected,
+                     r.matches ? "yes" : "NO"});
   }
-  out << rule << '\n';
+  closewise::app::print_table(out, cols, texts);
 }
 
 nlohmann::ordered_json to_json(const std::vector<lab::observation>& list) {

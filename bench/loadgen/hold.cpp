@@ -1,8 +1,5 @@
 #include "hold.hpp"
 
-#include <linux/inet_diag.h>
-#include <linux/netlink.h>
-#include <linux/sock_diag.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
@@ -87,34 +84,13 @@ long read_rss_kib(int pid) {
 }
 
 long accept_queue_length(std::uint16_t port, int family) {
-  fd_guard nl{::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG)};
-  if (nl.fd < 0) return -1;
-  struct {
-    nlmsghdr nlh;
-    inet_diag_req_v2 req;
-  } msg{};
-  msg.nlh.nlmsg_len = sizeof(msg);
-  msg.nlh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
-  msg.nlh.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-  msg.req.sdiag_family = static_cast<std::uint8_t>(family);
-  msg.req.sdiag_protocol = IPPROTO_TCP;
-  msg.req.idiag_states = 1u << static_cast<unsigned>(tcp_state::listen);
-  sockaddr_nl kernel{};
-  kernel.nl_family = AF_NETLINK;
-  if (::sendto(nl.fd, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel), sizeof(kernel)) < 0) return -1;
-  alignas(nlmsghdr) std::array<char, 16384> buf;
+  std::error_code ec;  // a failed query lists what it had: the queues read so far count
   long found = -1;
-  for (;;) {
-    const ssize_t n = ::recv(nl.fd, buf.data(), buf.size(), 0);
-    if (n <= 0) return found;
-    int left = static_cast<int>(n);
-    for (auto* h = reinterpret_cast<nlmsghdr*>(buf.data()); NLMSG_OK(h, left); h = NLMSG_NEXT(h, left)) {
-      if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) return found;
-      const auto* m = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
-      // For a listener, idiag_rqueue is the accept queue's current length.
-      if (ntohs(m->id.idiag_sport) == port) found = (found < 0 ? 0 : found) + static_cast<long>(m->idiag_rqueue);
-    }
+  for (const auto& s : list_tcp_sockets(port, family, tcp_states(tcp_state::listen), ec)) {
+    // For a listener, rqueue is the accept queue's current length.
+    if (s.local_port == port) found = (found < 0 ? 0 : found) + static_cast<long>(s.rqueue);
   }
+  return found;
 }
 
 hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {

@@ -10,6 +10,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <initializer_list>
 
 namespace closewise {
 
@@ -22,8 +23,10 @@ struct fd_guard {
   }
 };
 
-// One dump request for one address family; appends matching sockets to `out`.
-bool dump_family(int nl, std::uint8_t family, std::uint16_t port, std::vector<diag_socket>& out, std::error_code& ec) {
+// One dump request for one address family and the sockets in `states`;
+// appends those on `port` to `out`.
+bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_t port, std::vector<diag_socket>& out,
+                 std::error_code& ec) {
   struct {
     nlmsghdr nlh;
     inet_diag_req_v2 req;
@@ -34,7 +37,7 @@ bool dump_family(int nl, std::uint8_t family, std::uint16_t port, std::vector<di
   msg.nlh.nlmsg_seq = family;
   msg.req.sdiag_family = family;
   msg.req.sdiag_protocol = IPPROTO_TCP;
-  msg.req.idiag_states = ~0u;  // every state, TIME_WAIT included
+  msg.req.idiag_states = states;  // all_tcp_states: TIME_WAIT included
 
   sockaddr_nl kernel{};
   kernel.nl_family = AF_NETLINK;
@@ -64,14 +67,15 @@ bool dump_family(int nl, std::uint8_t family, std::uint16_t port, std::vector<di
       s.local_port = ntohs(m->id.idiag_sport);
       s.remote_port = ntohs(m->id.idiag_dport);
       s.ipv6 = m->idiag_family == AF_INET6;
+      s.rqueue = m->idiag_rqueue;
       if (port == 0 || s.local_port == port || s.remote_port == port) out.push_back(s);
     }
   }
 }
 
-}  // namespace
-
-std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, std::error_code& ec) {
+// Dumps `families` in turn on one netlink socket, stopping at the first failure.
+std::vector<diag_socket> list(std::initializer_list<std::uint8_t> families, tcp_state_set states, std::uint16_t port,
+                              std::error_code& ec) {
   ec.clear();
   std::vector<diag_socket> out;
   fd_guard nl{::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG)};
@@ -79,8 +83,20 @@ std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, std::error_code& e
     ec = std::error_code(errno, std::system_category());
     return out;
   }
-  if (dump_family(nl.fd, AF_INET, port, out, ec)) dump_family(nl.fd, AF_INET6, port, out, ec);
+  for (const std::uint8_t family : families) {
+    if (!dump_family(nl.fd, family, states, port, out, ec)) break;
+  }
   return out;
+}
+
+}  // namespace
+
+std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, std::error_code& ec) {
+  return list({AF_INET, AF_INET6}, all_tcp_states, port, ec);
+}
+
+std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, int family, tcp_state_set states, std::error_code& ec) {
+  return list({static_cast<std::uint8_t>(family)}, states, port, ec);
 }
 
 state_count count_tcp_state(std::uint16_t port, tcp_state state, std::error_code& ec) {
