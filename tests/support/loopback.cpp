@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <poll.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
 
 namespace closewise::test {
@@ -68,6 +70,12 @@ raw_peer::drained raw_peer::drain(std::string* sink, std::chrono::milliseconds r
   for (;;) {
     pollfd p{fd_, POLLIN, 0};
     const int ready = ::poll(&p, 1, static_cast<int>(recv_timeout.count()));
+    // A failed poll (EINTR) must not fall through to a blocking recv with no bound.
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      d.error = errno;
+      return d;
+    }
     if (ready == 0) {
       d.error = ETIMEDOUT;
       return d;
@@ -151,6 +159,19 @@ std::size_t open_fd_count() {
     ::closedir(d);
   }
   return n;
+}
+
+temp_dir::temp_dir() {
+  const char* base = std::getenv("TMPDIR");
+  // Short: a Unix socket path must fit in sun_path (108 bytes).
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/closewise-XXXXXX";
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+temp_dir::~temp_dir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
 }
 
 }  // namespace closewise::test
