@@ -108,4 +108,20 @@ std::string pattern(std::size_t n);
 /// Number of descriptors open in this process.
 std::size_t open_fd_count();
 
+/// A fresh directory of its own under $TMPDIR (or /tmp), removed with its
+/// files on destruction. For Unix socket paths and files: a fixed or pid-based
+/// name collides with another test or a stale run; mkdtemp's cannot.
+class temp_dir {
+ public:
+  temp_dir();
+  ~temp_dir();
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
 }  // namespace closewise::test
