@@ -187,11 +187,7 @@ TEST(server, emfile_backs_off_without_spinning_and_recovers) {
   rlimit low = original;
   low.rlim_cur = open_fd_count() + 4;
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(s.port());
-  for (auto& c : clients) ASSERT_EQ(::connect(c.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  for (auto& c : clients) ASSERT_EQ(connect_loopback(c.fd(), s.port()), 0);
   // Wait (bounded) for the first EMFILE, then watch one second of starvation.
   const auto emfile = [&] { return s.get().stats().snapshot().accept_errors[0]; };
   for (int i = 0; i < 2000 && emfile() == 0; ++i) std::this_thread::sleep_for(1ms);
@@ -859,11 +855,8 @@ TEST(server, unix_socket_listener_echoes) {
   srv.start();
   EXPECT_EQ(srv.local_endpoints().front(), "unix:" + path);
   std::thread io([&] { srv.run(); });
-  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
-  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  auto p = connect_unix(path);
+  ASSERT_GE(p.fd(), 0) << "cannot connect to " << path;
   const std::string data = pattern(1 << 20);
   auto reader = std::async(std::launch::async, [&] {
     std::string sink;
@@ -891,11 +884,8 @@ TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
   o.listen.clear();
   o.unix_paths = {path};
   running_server s(o, counted_echo_session);
-  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
-  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  auto p = connect_unix(path);
+  ASSERT_GE(p.fd(), 0) << "cannot connect to " << path;
   ASSERT_EQ(p.send(std::string("abc")), 3);
   EXPECT_FALSE(readable_within(p, 200ms));
   EXPECT_EQ(sessions_started.load(), 0);
