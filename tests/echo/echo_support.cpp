@@ -105,37 +105,15 @@ bool running_echo_server::wait_closed(std::uint64_t n, std::chrono::milliseconds
 // ---- sockets ------------------------------------------------------------------
 
 int connect_tcp(std::uint16_t port, int rcvbuf, int sndbuf) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  if (rcvbuf > 0) ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf));
-  if (sndbuf > 0) ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(port);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
+  ::closewise::test::raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (p.fd() < 0) return -1;
+  if (rcvbuf > 0) p.set_rcvbuf(rcvbuf);
+  if (sndbuf > 0) p.set_sndbuf(sndbuf);
+  if (::closewise::test::connect_loopback(p.fd(), port) != 0) return -1;
+  return p.release();
 }
 
-int connect_unix(const std::string& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  if (path.size() >= sizeof(a.sun_path)) {
-    ::close(fd);
-    return -1;
-  }
-  std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
+int connect_unix(const std::string& path) { return ::closewise::test::connect_unix(path).release(); }
 
 exchange_result run_exchange(int fd, const exchange_plan& plan) {
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
@@ -258,18 +236,6 @@ std::uint64_t rss_bytes() {
 }
 
 // ---- files --------------------------------------------------------------------
-
-temp_dir::temp_dir() {
-  const char* base = std::getenv("TMPDIR");
-  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/closewise-echo-XXXXXX";
-  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-  path_ = tmpl;
-}
-
-temp_dir::~temp_dir() {
-  std::error_code ec;
-  std::filesystem::remove_all(path_, ec);
-}
 
 std::string write_seeded_file(const std::string& path, std::uint64_t n, std::uint64_t seed) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "../support/loopback.hpp"
 #include "closewise/server.hpp"
 #include "echo/session.hpp"
 
@@ -96,19 +97,8 @@ std::size_t fd_count(pid_t pid = 0);
 /// Resident set size of this process, bytes.
 std::uint64_t rss_bytes();
 
-/// A temporary directory removed (with its files) on destruction.
-class temp_dir {
- public:
-  temp_dir();
-  ~temp_dir();
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+/// A temporary directory removed (with its files) on destruction (tests/support).
+using ::closewise::test::temp_dir;
 
 /// Writes `n` seeded bytes to `path`; returns their SHA-256 (hex).
 std::string write_seeded_file(const std::string& path, std::uint64_t n, std::uint64_t seed);

@@ -1,4 +1,5 @@
-// The eight rows of DESIGN.md, through the very functions closewise-lab runs.
+// The eight kernel experiments (docs/design.md, "the eight kernel experiments"
+// table), through the very functions closewise-lab runs.
 //
 // Each test asserts the row's verdict and, separately, the concrete
 // observations behind it (errno names, byte counts, TCP states, close

@@ -14,6 +14,7 @@
 #include <csignal>
 #include <future>
 #include <random>
+#include <regex>
 #include <set>
 #include <thread>
 
@@ -27,7 +28,6 @@
 
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
-#include "stats_recorder.hpp"
 
 using namespace closewise;
 using namespace closewise::test;
@@ -88,7 +88,11 @@ TEST(server, echo_session_across_half_close) {
 // Reads one byte with a timeout; returns the byte count, 0 on EOF, -errno, or -ETIMEDOUT.
 long recv_with_timeout(raw_peer& p, char* c, std::chrono::milliseconds limit) {
   pollfd pfd{p.fd(), POLLIN, 0};
-  if (::poll(&pfd, 1, static_cast<int>(limit.count())) == 0) return -ETIMEDOUT;
+  int ready;
+  do ready = ::poll(&pfd, 1, static_cast<int>(limit.count()));
+  while (ready < 0 && errno == EINTR);
+  if (ready == 0) return -ETIMEDOUT;  // (a failed poll must not fall through to a recv with no bound)
+  if (ready < 0) return -errno;
   return p.recv_some(c, 1);
 }
 
@@ -165,12 +169,6 @@ TEST(server, connection_limit_reject_resets_the_overflow) {
   ASSERT_TRUE(s.wait_closed(512));
 }
 
-double cpu_seconds() {
-  rusage u{};
-  ::getrusage(RUSAGE_SELF, &u);
-  return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
-}
-
 // Out of descriptors, the accept loop backs off instead of spinning, and
 // serves again soon after descriptors free up.
 TEST(server, emfile_backs_off_without_spinning_and_recovers) {
@@ -189,25 +187,28 @@ TEST(server, emfile_backs_off_without_spinning_and_recovers) {
   rlimit low = original;
   low.rlim_cur = open_fd_count() + 4;
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(s.port());
-  for (auto& c : clients) ASSERT_EQ(::connect(c.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  for (auto& c : clients) ASSERT_EQ(connect_loopback(c.fd(), s.port()), 0);
   // Wait (bounded) for the first EMFILE, then watch one second of starvation.
   const auto emfile = [&] { return s.get().stats().snapshot().accept_errors[0]; };
   for (int i = 0; i < 2000 && emfile() == 0; ++i) std::this_thread::sleep_for(1ms);
   ASSERT_GT(emfile(), 0u) << "the descriptor limit never bit";
+  // The CPU of the server's one I/O thread (its accept loop), not the
+  // process's: RUSAGE_SELF also counts this thread and a sanitizer's own.
+  const auto cpu_time = [&] {
+    const auto t = s.run_thread_cpu_time();
+    return t ? std::chrono::duration<double>(*t).count() : -1.0;
+  };
   const auto errors_before = emfile();
-  const double cpu_before = cpu_seconds();
+  const double cpu_before = cpu_time();
+  ASSERT_GE(cpu_before, 0.0) << "no CPU clock for the server thread";
   std::this_thread::sleep_for(1s);  // measuring a rate over a fixed window, not synchronising
-  const double cpu = cpu_seconds() - cpu_before;
+  const double cpu = cpu_time() - cpu_before;
   const auto errors = emfile() - errors_before;
   ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &original), 0);
   std::printf("starved for 1 s: %llu accept errors, %.1f ms CPU\n", static_cast<unsigned long long>(errors),
               cpu * 1000);
   EXPECT_LE(errors, 20u) << "accept errors per second while starved";
-  EXPECT_LT(cpu, 0.05) << "CPU seconds used in one starved second";
+  EXPECT_LT(cpu, 0.05) << "CPU seconds the server thread used in one starved second";
   // Descriptors are back: everyone is served within about a second.
   const auto freed = std::chrono::steady_clock::now();
   for (auto& c : clients) EXPECT_TRUE(echoes(c, 2s));
@@ -239,9 +240,9 @@ TEST(server, clients_resetting_in_the_backlog_do_not_stop_the_listener) {
   std::vector<raw_peer> aborted, normal;
   for (int i = 0; i < 20; ++i) aborted.push_back(connect_to(s.port()));
   for (int i = 0; i < 5; ++i) normal.push_back(connect_to(s.port()));
-  std::set<std::string> peers{"127.0.0.1:" + std::to_string(blocker.local_port())};
-  for (const auto* group : {&aborted, &normal})
-    for (const auto& c : *group) peers.insert("127.0.0.1:" + std::to_string(c.local_port()));
+  std::set<std::string> peers{"127.0.0.1:" + std::to_string(blocker.local_port())}, reset_peers;
+  for (const auto& c : normal) peers.insert("127.0.0.1:" + std::to_string(c.local_port()));
+  for (const auto& c : aborted) reset_peers.insert("127.0.0.1:" + std::to_string(c.local_port()));
   for (auto& c : aborted) c.reset();  // RST while waiting in the accept queue
   release.set_value();
   for (auto& c : normal) EXPECT_TRUE(echoes(c));
@@ -256,8 +257,21 @@ TEST(server, clients_resetting_in_the_backlog_do_not_stop_the_listener) {
   // Every reset client that was accepted ended as a peer reset, not as a FIN.
   EXPECT_EQ(snap.rst_received + snap.accept_errors[3], 20u);
   // Each report names its own client, the reset ones too: getpeername fails
-  // on them (ENOTCONN), the address accept(2) returned does not.
-  for (const auto& r : s.reports()) EXPECT_EQ(peers.count(r.peer), 1u) << "report of an unknown peer: " << r.peer;
+  // on them (ENOTCONN), the address accept(2) returned does not. Linux hands
+  // a connection reset in the backlog to accept(2) (no ECONNABORTED), so
+  // the reset clients have reports: at least one must be checked, or this
+  // part proves nothing.
+  std::size_t reset_reports = 0;
+  for (const auto& r : s.reports()) {
+    if (reset_peers.count(r.peer) == 1) {
+      ++reset_reports;
+      EXPECT_TRUE(r.report.rst_received) << r.peer << ": " << r.report.describe();
+      continue;
+    }
+    EXPECT_EQ(peers.count(r.peer), 1u) << "report of an unknown peer: " << r.peer;
+  }
+  EXPECT_EQ(reset_reports + snap.accept_errors[3], 20u) << "a reset client's report names another peer";
+  EXPECT_GE(reset_reports, 1u) << "every reset client was an accept error: no report of one was checked";
   expect_no_half_closed_leftovers(s.port());
 }
 
@@ -392,18 +406,29 @@ TEST(server, sigterm_drains_idle_mid_request_and_mid_response_connections) {
 }
 
 TEST(server, drain_resets_what_is_left_at_its_deadline) {
+  constexpr auto deadline = 1s;
+  // After the deadline: the timer's latency and the reset on a loaded 2-core
+  // machine, under a sanitizer (milliseconds; tens at worst). A drain that
+  // waited for the stuck request would never end: any bound catches that,
+  // and this one also catches a deadline doubled or started late.
+  constexpr auto margin = 1s;
   auto o = local_options(1);
-  o.drain_timeout = 300ms;
+  o.drain_timeout = deadline;
   running_server s(o, line_session);
   auto stuck = connect_to(s.port());
   ASSERT_EQ(stuck.send(std::string("12")), 2);  // never finishes its request
-  for (int i = 0; i < 2000 && s.get().stats().snapshot().open < 1; ++i) std::this_thread::sleep_for(1ms);
+  const auto opened = std::chrono::steady_clock::now() + 10s;
+  while (s.get().stats().snapshot().open < 1 && std::chrono::steady_clock::now() < opened)
+    std::this_thread::sleep_for(1ms);  // polling the server's counter, bounded
+  ASSERT_EQ(s.get().stats().snapshot().open, 1u);
   const auto start = std::chrono::steady_clock::now();
   s.get().drain();
-  EXPECT_TRUE(s.wait_run_returned(3s));
-  EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms);
+  EXPECT_TRUE(s.wait_run_returned(deadline + 10s));
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(took, deadline);
+  EXPECT_LT(took, deadline + margin);
   char c;
-  EXPECT_EQ(stuck.recv_some(&c, 1), -ECONNRESET);
+  EXPECT_EQ(recv_with_timeout(stuck, &c, 5s), -ECONNRESET);
   const auto snap = s.get().stats().snapshot();
   EXPECT_EQ(snap.drain_forced, 1u);
   EXPECT_EQ(s.get().forced_in_drain(), 1u);
@@ -821,7 +846,8 @@ TEST(server, accepted_sockets_are_non_blocking_and_get_no_delay_before_their_sec
 
 // A Unix stream socket listener serves the same sessions.
 TEST(server, unix_socket_listener_echoes) {
-  const std::string path = "/tmp/closewise-test-" + std::to_string(::getpid()) + ".sock";
+  const temp_dir dir;
+  const std::string path = dir.file("echo.sock");
   server_options o;
   o.unix_paths = {path};
   o.threads = 1;
@@ -829,11 +855,8 @@ TEST(server, unix_socket_listener_echoes) {
   srv.start();
   EXPECT_EQ(srv.local_endpoints().front(), "unix:" + path);
   std::thread io([&] { srv.run(); });
-  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
-  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  auto p = connect_unix(path);
+  ASSERT_GE(p.fd(), 0) << "cannot connect to " << path;
   const std::string data = pattern(1 << 20);
   auto reader = std::async(std::launch::async, [&] {
     std::string sink;
@@ -855,16 +878,14 @@ TEST(server, unix_socket_listener_echoes) {
 // as on TCP (SO_RCVLOWAT, which Unix sockets ignore, plays no part).
 TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
   sessions_started = 0;
-  const std::string path = "/tmp/closewise-test-ready-" + std::to_string(::getpid()) + ".sock";
+  const temp_dir dir;
+  const std::string path = dir.file("ready.sock");
   auto o = ready_at_newline(1);
   o.listen.clear();
   o.unix_paths = {path};
   running_server s(o, counted_echo_session);
-  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un a{};
-  a.sun_family = AF_UNIX;
-  std::snprintf(a.sun_path, sizeof(a.sun_path), "%s", path.c_str());
-  ASSERT_EQ(::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  auto p = connect_unix(path);
+  ASSERT_GE(p.fd(), 0) << "cannot connect to " << path;
   ASSERT_EQ(p.send(std::string("abc")), 3);
   EXPECT_FALSE(readable_within(p, 200ms));
   EXPECT_EQ(sessions_started.load(), 0);
@@ -877,8 +898,95 @@ TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
   EXPECT_EQ(sessions_started.load(), 1);
 }
 
+// Every field of stats_snapshot, each counter with a value of its own, so a
+// field written under another's name or left out fails; names as documented
+// in docs/statistics.md, written out here so that a renamed key fails too.
 TEST(stats, json_and_prometheus_carry_every_counter) {
-  internal::stats_recorder st;
+  // 20 counters and three arrays (13 + 4 + 6): a field added to the snapshot
+  // fails here until this test checks it.
+  static_assert(sizeof(stats_snapshot) == (20 + close_cause_count + timeout_kind_count + accept_error_count) *
+                                              sizeof(std::uint64_t),
+                "stats_snapshot has a field this test does not check");
+  stats_snapshot snap;
+  std::uint64_t next = 1000;
+  struct expected {
+    std::string json_path;  // "key" or "group/label"
+    std::string prom_line;  // the sample line, without the value
+    std::uint64_t value;
+  };
+  std::vector<expected> want;
+  const auto scalar = [&](std::uint64_t& field, const std::string& key, bool gauge = false) {
+    field = next++;
+    want.push_back({key, "closewise_" + key + (gauge ? "" : "_total"), field});
+  };
+  const auto labelled = [&](std::uint64_t& field, const std::string& group, const std::string& label,
+                            std::string_view value) {
+    field = next++;
+    want.push_back({group + "/" + std::string(value),
+                    "closewise_" + group + "_total{" + label + "=\"" + std::string(value) + "\"}", field});
+  };
+  scalar(snap.accepted, "connections_accepted");
+  scalar(snap.open, "connections_open", true);
+  scalar(snap.waiting_for_input, "connections_waiting_for_input", true);
+  scalar(snap.closed, "connections_closed");
+  // Index 0 of closed_by_cause and timeouts is `none`, never counted nor written.
+  for (std::size_t i = 1; i < close_cause_count; ++i)
+    labelled(snap.closed_by_cause[i], "closed_by_cause", "cause", to_string(static_cast<close_cause>(i)));
+  labelled(snap.fin_first_local, "fin_first", "side", "local");
+  labelled(snap.fin_first_peer, "fin_first", "side", "peer");
+  labelled(snap.time_wait_local, "time_wait", "side", "local");
+  labelled(snap.time_wait_peer, "time_wait", "side", "peer");
+  scalar(snap.rst_sent, "rst_sent");
+  scalar(snap.rst_received, "rst_received");
+  scalar(snap.kernel_resets, "kernel_resets");
+  scalar(snap.bytes_in, "bytes_in");
+  scalar(snap.bytes_out, "bytes_out");
+  scalar(snap.bytes_discarded, "bytes_discarded");
+  for (std::size_t i = 1; i < timeout_kind_count; ++i)
+    labelled(snap.timeouts[i], "timeouts", "kind", to_string(static_cast<timeout_kind>(i)));
+  scalar(snap.linger_timeouts, "linger_timeouts");
+  scalar(snap.linger_limits, "linger_limits");
+  scalar(snap.limit_rejected, "limit_rejected");
+  scalar(snap.limit_paused, "limit_paused");
+  for (std::size_t i = 0; i < accept_error_count; ++i)
+    labelled(snap.accept_errors[i], "accept_errors", "kind", to_string(static_cast<accept_error>(i)));
+  scalar(snap.drain_closed, "drain_closed");
+  scalar(snap.drain_forced, "drain_forced");
+
+  // The JSON is flat: "key":N, or "group":{"label":N,...} for labelled counters.
+  const auto json = to_json(snap);
+  ASSERT_TRUE(json.size() >= 2 && json.front() == '{' && json.back() == '}') << json;
+  const auto json_value = [&](const std::string& path) -> std::optional<std::uint64_t> {
+    const auto slash = path.find('/');
+    std::string_view scope = json;
+    if (slash != std::string::npos) {
+      const auto open = json.find("\"" + path.substr(0, slash) + "\":{");
+      if (open == std::string::npos) return std::nullopt;
+      const auto close = json.find('}', open);
+      scope = std::string_view(json).substr(open, close - open + 1);
+    }
+    const std::regex value("[{,]\"" + path.substr(slash == std::string::npos ? 0 : slash + 1) + "\":([0-9]+)[,}]");
+    std::match_results<std::string_view::const_iterator> m;
+    if (!std::regex_search(scope.begin(), scope.end(), m, value)) return std::nullopt;
+    return std::stoull(m[1].str());
+  };
+  const std::regex any_value("\":[0-9]+");
+  const auto json_values = static_cast<std::size_t>(
+      std::distance(std::sregex_iterator(json.begin(), json.end(), any_value), std::sregex_iterator()));
+  EXPECT_EQ(json_values, want.size()) << "JSON has values this test does not know: " << json;
+  const auto prom = to_prometheus(snap);
+  for (const auto& w : want) {
+    EXPECT_EQ(json_value(w.json_path), std::optional<std::uint64_t>(w.value))
+        << "JSON: " << w.json_path << " missing or not " << w.value << ": " << json;
+    EXPECT_NE(prom.find("\n" + w.prom_line + " " + std::to_string(w.value) + "\n"), std::string::npos)
+        << "Prometheus: no line '" << w.prom_line << " " << w.value << "'";
+  }
+  EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
+  EXPECT_NE(prom.find("# TYPE closewise_connections_waiting_for_input gauge\n"), std::string::npos);
+  EXPECT_NE(prom.find("# TYPE closewise_connections_accepted_total counter\n"), std::string::npos);
+
+  // And server_stats feeds the snapshot: the counters a report and an accept error move.
+  server_stats st;
   st.accepted();
   close_report r;
   r.cause = close_cause::linger_timeout;
@@ -888,24 +996,15 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   st.record(r);
   st.accept_failed(accept_error::emfile);
   st.parked();
-  const auto snap = st.snapshot();
-  const auto json = to_json(snap);
-  EXPECT_NE(json.find("\"connections_accepted\":1"), std::string::npos) << json;
-  EXPECT_NE(json.find("\"closed_by_cause\":{"), std::string::npos) << json;
-  EXPECT_NE(json.find("\"linger_timeout\":1"), std::string::npos) << json;
-  EXPECT_NE(json.find("\"emfile\":1"), std::string::npos) << json;
-  EXPECT_NE(json.find("\"connections_waiting_for_input\":1"), std::string::npos) << json;
-  EXPECT_EQ(json.front(), '{');
-  EXPECT_EQ(json.back(), '}');
-  const auto prom = to_prometheus(snap);
-  EXPECT_NE(prom.find("closewise_connections_accepted_total 1\n"), std::string::npos) << prom;
-  EXPECT_NE(prom.find("closewise_closed_by_cause_total{cause=\"linger_timeout\"} 1\n"), std::string::npos);
-  EXPECT_NE(prom.find("closewise_timeouts_total{kind=\"write\"} 1\n"), std::string::npos);
-  EXPECT_NE(prom.find("closewise_accept_errors_total{kind=\"emfile\"} 1\n"), std::string::npos);
-  EXPECT_NE(prom.find("# TYPE closewise_connections_open gauge\n"), std::string::npos);
-  EXPECT_NE(
-      prom.find("# TYPE closewise_connections_waiting_for_input gauge\nclosewise_connections_waiting_for_input 1\n"),
-      std::string::npos);
+  const auto live = st.snapshot();
+  EXPECT_EQ(live.accepted, 1u);
+  EXPECT_EQ(live.closed, 1u);
+  EXPECT_EQ(live.waiting_for_input, 1u);
+  EXPECT_EQ(live.closed_by_cause[static_cast<std::size_t>(close_cause::linger_timeout)], 1u);
+  EXPECT_EQ(live.timeouts[static_cast<std::size_t>(timeout_kind::write)], 1u);
+  EXPECT_EQ(live.accept_errors[static_cast<std::size_t>(accept_error::emfile)], 1u);
+  EXPECT_EQ(live.linger_timeouts, 1u);
+  EXPECT_EQ(live.rst_sent, 1u);
 }
 
 // ---- write queue watermarks ----

@@ -4,7 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/time.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <future>
 #include <thread>
 
@@ -129,57 +135,145 @@ TEST_P(stream_test, eof_repeats_but_the_state_changes_once) {
   EXPECT_FALSE(s.state().finished());
 }
 
-// The core of the project (DESIGN.md row 7): a response followed by a close
-// while a pipelined request sits unread. Graceful close drains it and every
-// byte of the response arrives, every time.
-TEST_P(stream_test, graceful_close_with_unread_input_delivers_every_byte) {
+// Repetitions of the unread-input loops below: 1,000 by default; the
+// sanitizer test presets set CLOSEWISE_TEST_REPS=100 (CMakePresets.json).
+int unread_input_repetitions() {
   int reps = 1000;
   if (const char* env = std::getenv("CLOSEWISE_TEST_REPS")) reps = std::max(1, std::atoi(env));
-  const std::string response = pattern(4 << 20);
+  return reps;
+}
+
+// What the peer of one close-with-unread-input exchange saw.
+struct unread_input_outcome {
+  std::uint64_t received = 0;  // response bytes that arrived
+  bool eof = false;            // ended by a clean EOF
+  int error = 0;               // else the errno that ended it (EAGAIN: the receive timeout)
+  bool intact = true;          // what arrived is the response's prefix, byte for byte
+  bool wrote = false;          // the server's write completed without error
+  close_report report;
+};
+
+// The bound on each of the peer's reads: generous (a 4 MiB response takes a
+// few ms on loopback, a few hundred under a sanitizer on a loaded machine),
+// yet a lost FIN fails the repetition instead of hanging until ctest's timeout.
+constexpr auto unread_input_recv_timeout = 10s;
+
+// The core of the project (docs/design.md, "the eight kernel experiments",
+// row 7): a response followed by a close while a pipelined request sits
+// unread. One repetition: the peer reads the response with a bounded read;
+// the server writes it and closes with `policy`.
+unread_input_outcome close_with_unread_input(asio::io_context& ioc, loopback_pair_factory& factory,
+                                             close_policy policy, const std::string& response) {
   const std::string extra = "GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
+  unread_input_outcome out;
+  auto peer = factory.connect();
+  auto s = factory.accept();
+  timeval tv{std::chrono::duration_cast<std::chrono::seconds>(unread_input_recv_timeout).count(), 0};
+  EXPECT_EQ(::setsockopt(peer.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)), 0);
+  EXPECT_EQ(peer.send(std::string("GET / HTTP/1.1\r\n\r\n")), 18);
+  std::string first(18, '\0');
+  std::optional<error_code> got_first;
+  asio::async_read(s, asio::buffer(first), [&](error_code ec, std::size_t) { got_first = ec; });
+  EXPECT_TRUE(run_until(ioc, [&] { return got_first.has_value(); }));
+  EXPECT_FALSE(got_first.value_or(asio::error::timed_out));
+  // Sent after the server read the first request: these bytes stay in the kernel.
+  EXPECT_EQ(peer.send(extra), static_cast<long>(extra.size()));
+  const auto unread_deadline = std::chrono::steady_clock::now() + 10s;
+  while (s.probe().unread.value_or(0) < extra.size() && std::chrono::steady_clock::now() < unread_deadline)
+    std::this_thread::sleep_for(1ms);  // polling a kernel counter, not synchronising threads
+  EXPECT_GE(s.probe().unread.value_or(0), extra.size()) << "the pipelined request never reached the server";
+  auto reader = std::async(std::launch::async, [&] {
+    unread_input_outcome r;
+    std::vector<char> buf(256 * 1024);
+    for (;;) {
+      const long n = peer.recv_some(buf.data(), buf.size());
+      if (n == -EINTR) continue;
+      if (n <= 0) {
+        r.eof = n == 0;
+        r.error = n < 0 ? static_cast<int>(-n) : 0;
+        return r;
+      }
+      for (long k = 0; k < n; ++k) r.intact = r.intact && buf[k] == pattern_byte(r.received + k);
+      r.received += static_cast<std::uint64_t>(n);
+    }
+  });
+  // Both queued before the close: the write has to be flushed first.
+  std::optional<error_code> wrote;
+  asio::async_write(s, asio::buffer(response), [&](error_code ec, std::size_t) { wrote = ec; });
+  std::optional<close_report> rep;
+  s.async_close(policy, [&](close_report r) { rep = std::move(r); });
+  // The peer closes when it has seen our EOF (or the RST): run until the
+  // reader finished. Its reads are bounded, so this wait and the future's are.
+  EXPECT_TRUE(run_until(ioc, [&] { return reader.wait_for(0s) == std::future_status::ready; },
+                        unread_input_recv_timeout + 10s));
+  out = reader.get();
+  peer.close();
+  EXPECT_TRUE(run_until(ioc, [&] { return rep.has_value() && wrote.has_value(); }));
+  out.wrote = wrote.has_value() && !*wrote;
+  out.report = rep.value_or(close_report{});
+  return out;
+}
+
+// The claim: graceful close with unread input delivers every byte, every
+// time, and the kernel never turns it into a RST.
+TEST_P(stream_test, graceful_close_with_unread_input_delivers_every_byte) {
+  const int reps = unread_input_repetitions();
+  const std::string response = pattern(4 << 20);
   std::uint64_t lost = 0;
   int kernel_resets = 0;
   for (int i = 0; i < reps; ++i) {
-    auto peer = factory_->connect();
-    auto s = factory_->accept();
-    ASSERT_EQ(peer.send(std::string("GET / HTTP/1.1\r\n\r\n")), 18);
-    ASSERT_EQ(read_exactly(s, 18).second.size(), 18u);
-    // Sent after the server read the first request: these bytes stay in the kernel.
-    ASSERT_EQ(peer.send(extra), static_cast<long>(extra.size()));
-    ASSERT_TRUE(wait_unread(s, extra.size()));
-    auto reader = std::async(std::launch::async, [&] {
-      std::uint64_t n = 0;
-      std::vector<char> buf(256 * 1024);
-      bool intact = true;
-      for (;;) {
-        const long r = peer.recv_some(buf.data(), buf.size());
-        if (r <= 0) return std::make_tuple(n, r == 0, intact);
-        for (long k = 0; k < r; ++k) intact = intact && buf[k] == pattern_byte(n + k);
-        n += r;
-      }
-    });
-    // Both queued before the close: the write has to be flushed first.
-    std::optional<error_code> wrote;
-    asio::async_write(s, asio::buffer(response), [&](error_code ec, std::size_t) { wrote = ec; });
-    std::optional<close_report> rep;
-    s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
-    // The peer closes when it has seen our EOF: run until the reader finished.
-    ASSERT_TRUE(run_until(ioc_, [&] { return reader.wait_for(0s) == std::future_status::ready; }));
-    auto [n, eof, intact] = reader.get();
-    peer.close();
-    ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value() && wrote.has_value(); }));
-    EXPECT_FALSE(*wrote);
-    lost += response.size() - n;
-    kernel_resets += rep->kernel_reset() || rep->rst_sent;
-    ASSERT_TRUE(eof) << "repetition " << i << ": " << rep->describe();
-    ASSERT_TRUE(intact) << "repetition " << i;
-    ASSERT_EQ(rep->cause, close_cause::ours_then_peer_fin) << rep->describe();
-    ASSERT_EQ(rep->bytes_discarded, extra.size());
-    ASSERT_EQ(rep->drain, drain_end::peer_fin);
-    ASSERT_EQ(rep->time_wait, side::local);
+    const auto o = close_with_unread_input(ioc_, *factory_, close_policy::graceful, response);
+    const auto& rep = o.report;
+    lost += response.size() - o.received;
+    kernel_resets += rep.kernel_reset() || rep.rst_sent;
+    ASSERT_TRUE(o.eof) << "repetition " << i << ": the peer saw "
+                       << (o.error == EAGAIN ? std::string("no EOF within the receive timeout")
+                                             : std::string(std::strerror(o.error)))
+                       << " after " << o.received << " of " << response.size() << " bytes; " << rep.describe();
+    ASSERT_TRUE(o.intact) << "repetition " << i;
+    ASSERT_EQ(o.received, response.size()) << "repetition " << i;
+    ASSERT_TRUE(o.wrote) << "repetition " << i;
+    ASSERT_EQ(rep.cause, close_cause::ours_then_peer_fin) << rep.describe();
+    ASSERT_EQ(rep.bytes_discarded, 31u) << rep.describe();  // the pipelined request
+    ASSERT_EQ(rep.drain, drain_end::peer_fin);
+    ASSERT_EQ(rep.time_wait, side::local);
   }
   EXPECT_EQ(lost, 0u);
   EXPECT_EQ(kernel_resets, 0);
+}
+
+// The control: the same loop with fin_close. Unread input at close(2) makes
+// the kernel send a RST instead of completing the close (docs/teardown.md),
+// every time: the report says kernel reset in every repetition. The part of
+// the response still in our send queue is thrown away with it, and the peer
+// reads ECONNRESET where it waited for EOF: bytes are lost. Without this
+// control, the test above could pass because the situation never arose.
+TEST_P(stream_test, fin_close_with_unread_input_loses_bytes_where_graceful_does_not) {
+  // The reset is deterministic. The loss needs a close with bytes still
+  // queued, which nearly every repetition has (the write completes when its
+  // last 64 KiB fit in a send queue of a few MiB the peer has not read yet);
+  // a bounded number of repetitions must show at least one.
+  const int reps = std::min(unread_input_repetitions(), 100);
+  const std::string response = pattern(4 << 20);
+  std::uint64_t lost = 0;
+  int lossy = 0, peer_resets = 0;
+  for (int i = 0; i < reps; ++i) {
+    const auto o = close_with_unread_input(ioc_, *factory_, close_policy::fin_close, response);
+    const auto& rep = o.report;
+    ASSERT_TRUE(o.intact) << "repetition " << i;  // what did arrive is the response's prefix
+    ASSERT_TRUE(o.wrote) << "repetition " << i;   // the write completed: the kernel had all of it
+    ASSERT_EQ(rep.cause, close_cause::local_fin_close) << rep.describe();
+    ASSERT_TRUE(rep.kernel_reset()) << "repetition " << i << ": " << rep.describe();
+    // The peer's read ended by the RST (or, had our FIN got out first, EOF), never by the timeout.
+    ASSERT_TRUE(o.eof || o.error == ECONNRESET) << "repetition " << i << ": " << std::strerror(o.error);
+    lost += response.size() - o.received;
+    lossy += o.received < response.size();
+    peer_resets += o.error == ECONNRESET;
+  }
+  std::printf("fin_close with unread input: %d of %d repetitions lost bytes (%llu in all), %d read ECONNRESET\n",
+              lossy, reps, static_cast<unsigned long long>(lost), peer_resets);
+  EXPECT_GT(lossy, 0) << "fin_close never lost a byte: the graceful test's situation did not arise";
+  EXPECT_GT(peer_resets, 0) << "the peer never saw the kernel's RST";
 }
 
 // The same situation with fin_close: the kernel turns our close into a RST,
@@ -418,7 +512,9 @@ TEST_P(stream_test, graceful_drain_is_bounded_by_linger_max_while_bytes_trickle)
   trickle.join();
   EXPECT_EQ(rep.cause, close_cause::linger_timeout) << rep.describe();
   EXPECT_GE(rep.drain_time, 900ms);  // progress kept it alive past linger_timeout
-  EXPECT_LT(rep.drain_time, 1500ms);
+  // Without linger_max the trickle would keep it alive for 10 s; 1.1 s of
+  // slack keeps a timer late on a loaded machine or under a sanitizer in bounds.
+  EXPECT_LT(rep.drain_time, 2s);
   EXPECT_GT(rep.bytes_discarded, 0u);
 }
 
@@ -443,7 +539,8 @@ TEST_P(stream_test, graceful_drain_is_bounded_by_the_discard_budget) {
 }
 
 // A peer reset after the exchange is an idle reset; after it the stream
-// never reports a FIN (DESIGN.md row 8).
+// never reports a FIN (docs/design.md, "the eight kernel experiments", row 8:
+// Linux reports the RST's ECONNRESET to one read, and later reads return 0).
 TEST_P(stream_test, peer_reset_while_idle_then_reads_stay_reset) {
   auto peer = factory_->connect();
   auto s = factory_->accept();
@@ -568,14 +665,25 @@ TEST_P(stream_test, linger_timer_and_peer_fin_in_the_same_turn_give_one_report) 
     ioc_.poll();
     ASSERT_EQ(reports, 1);
     if (rep.cause == close_cause::peer_fin_then_ours || rep.cause == close_cause::ours_then_peer_fin) {
+      // The FIN won: the drain ended by it, and nothing was reset.
+      ASSERT_EQ(rep.drain, drain_end::peer_fin) << rep.describe();
+      ASSERT_FALSE(rep.rst_sent) << rep.describe();
       ++by_fin;
     } else {
+      // The timer won: the drain ended by time, with our RST, not before its 1 ms.
       ASSERT_EQ(rep.cause, close_cause::linger_timeout) << rep.describe();
       ASSERT_EQ(rep.drain, drain_end::timeout);
+      ASSERT_TRUE(rep.rst_sent) << rep.describe();
+      ASSERT_GE(rep.drain_time, 1ms) << rep.describe();
       ++by_timer;
     }
   }
-  EXPECT_EQ(by_fin + by_timer, 200);
+  std::printf("linger race: the FIN won %d times, the timer %d times\n", by_fin, by_timer);
+  // On loopback the peer's close(2) has put its FIN in our receive queue
+  // before async_close starts, so the drain's first read is ready when the
+  // timer is armed: the FIN must win some rounds. (The timer may win none:
+  // that split depends on scheduling and is not asserted.)
+  EXPECT_GT(by_fin, 0) << "a FIN already queued never ended the drain";
 }
 
 // async_close takes over a pending application read.
@@ -636,8 +744,8 @@ TEST_P(stream_test, idle_timeout_fails_a_read_waiting_for_a_new_exchange) {
   const auto start = std::chrono::steady_clock::now();
   EXPECT_EQ(read_exactly(s, 1).first, asio::error::timed_out);
   const auto took = std::chrono::steady_clock::now() - start;
-  EXPECT_GE(took, 150ms);
-  EXPECT_LT(took, 2s);
+  EXPECT_GE(took, 150ms);  // not before its timeout (same steady clock, deadline taken after `start`)
+  EXPECT_LT(took, 2s);      // and not the read timeout (5 s)
   EXPECT_FALSE(s.state().closing());
   peer.close();
   const auto rep = close(s, close_policy::graceful);
@@ -655,7 +763,11 @@ TEST_P(stream_test, read_timeout_applies_mid_exchange) {
   EXPECT_EQ(read_exactly(s, 8).second, "GET / HT");
   const auto start = std::chrono::steady_clock::now();
   EXPECT_EQ(read_exactly(s, 1).first, asio::error::timed_out);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s);
+  const auto took = std::chrono::steady_clock::now() - start;
+  // Not before its timeout: the deadline is taken on the same steady clock
+  // after `start`, so no epsilon is needed. Not the idle timeout (5 s) either.
+  EXPECT_GE(took, 150ms);
+  EXPECT_LT(took, 2s);
   const auto rep = close(s, close_policy::abortive);
   EXPECT_EQ(rep.timeout, timeout_kind::read);
 }
@@ -668,7 +780,11 @@ TEST_P(stream_test, write_timeout_fails_a_write_to_a_peer_that_never_reads) {
   const std::string big = pattern(32 << 20);
   const auto start = std::chrono::steady_clock::now();
   EXPECT_EQ(write_all(s, big), asio::error::timed_out);
-  EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+  const auto took = std::chrono::steady_clock::now() - start;
+  // Not before its timeout: the timeout counts from the last write_some that
+  // moved a byte, which started after `start` on the same steady clock.
+  EXPECT_GE(took, 200ms);
+  EXPECT_LT(took, 5s);
   EXPECT_EQ(s.state().writes_in_flight(), 0u);
   const auto rep = close(s, close_policy::abortive);
   EXPECT_EQ(rep.timeout, timeout_kind::write);

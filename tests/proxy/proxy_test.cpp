@@ -43,6 +43,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../support/child_process.hpp"
+#include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 
 using namespace closewise::test;
@@ -103,14 +104,7 @@ std::uint16_t free_port() {
 bool wait_accepting(std::uint16_t port, std::chrono::milliseconds limit) {
   const auto end = clock_type::now() + limit;
   while (clock_type::now() < end) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(port);
-    const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
-    ::close(fd);
-    if (ok) return true;
+    if (connect_to(port).fd() >= 0) return true;
     std::this_thread::sleep_for(10ms);  // polling a process that has no readiness signal
   }
   return false;
@@ -130,14 +124,14 @@ std::size_t count_of(const std::string& text, const std::string& what) {
 }
 
 // A temporary directory, removed at the end unless CLOSEWISE_PROXY_KEEP=1.
-class temp_dir {
+class kept_temp_dir {
  public:
-  temp_dir() {
+  kept_temp_dir() {
     const char* base = std::getenv("TMPDIR");
     std::string pattern = std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/closewise-proxy-XXXXXX";
     if (::mkdtemp(pattern.data()) != nullptr) path_ = pattern;
   }
-  ~temp_dir() {
+  ~kept_temp_dir() {
     const char* keep = std::getenv("CLOSEWISE_PROXY_KEEP");
     if (keep != nullptr && std::string(keep) == "1") {
       std::printf("kept %s\n", path_.c_str());
@@ -146,8 +140,8 @@ class temp_dir {
     std::error_code ignored;
     if (!path_.empty()) fs::remove_all(path_, ignored);
   }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
+  kept_temp_dir(const kept_temp_dir&) = delete;
+  kept_temp_dir& operator=(const kept_temp_dir&) = delete;
   const fs::path& path() const { return path_; }
 
  private:
@@ -331,20 +325,33 @@ std::uint64_t counter(const json& j, const char* group, const char* key) {
   return j[group][key].get<std::uint64_t>();
 }
 
+// A counter that must be there: a missing key (renamed, say) is recorded in
+// `missing` and read as a value no assertion accepts, never as a quiet 0.
+constexpr std::uint64_t missing_counter = ~std::uint64_t{0};
+std::uint64_t required(const json& j, const std::string& key, std::vector<std::string>& missing) {
+  if (!j.is_object() || !j.contains(key) || !j[key].is_number_unsigned()) {
+    missing.push_back(key);
+    return missing_counter;
+  }
+  return j[key].get<std::uint64_t>();
+}
+
 // Every connection the instance accepted must have closed for a reason that
 // a restart behind a proxy explains: the proxy closed it (peer FIN first),
 // we closed it after a Connection: close or an idle timeout (our FIN first),
 // or the drain closed it between requests. A reset of any kind, a forced
 // close at the drain deadline or a lost report is a failure.
 std::vector<std::string> unexplained_closes(const json& s) {
-  std::vector<std::string> bad;
-  const auto accepted = s.value("connections_accepted", std::uint64_t{0});
-  const auto closed = s.value("connections_closed", std::uint64_t{0});
+  std::vector<std::string> bad, missing;
+  const auto accepted = required(s, "connections_accepted", missing);
+  const auto closed = required(s, "connections_closed", missing);
   if (accepted != closed)
     bad.push_back("accepted " + std::to_string(accepted) + " but closed " + std::to_string(closed));
-  if (s.value("connections_open", std::uint64_t{1}) != 0) bad.push_back("connections still open at exit");
+  if (required(s, "connections_open", missing) != 0) bad.push_back("connections still open at exit");
+  if (!s.contains("closed_by_cause") || !s["closed_by_cause"].is_object()) missing.push_back("closed_by_cause");
   std::uint64_t by_cause = 0;
-  for (const auto& [cause, n] : s["closed_by_cause"].items()) {
+  const json causes = s.value("closed_by_cause", json::object());  // named: items() must not outlive it
+  for (const auto& [cause, n] : causes.items()) {
     const auto v = n.get<std::uint64_t>();
     by_cause += v;
     if (v > 0 && cause != "peer_fin_then_ours" && cause != "ours_then_peer_fin" && cause != "server_drain")
@@ -354,8 +361,9 @@ std::vector<std::string> unexplained_closes(const json& s) {
     bad.push_back("causes add up to " + std::to_string(by_cause) + ", not " + std::to_string(closed));
   for (const char* k :
        {"rst_sent", "rst_received", "kernel_resets", "drain_forced", "linger_timeouts", "linger_limits"})
-    if (s.value(k, std::uint64_t{0}) > 0)
-      bad.push_back(std::string(k) + " " + std::to_string(s[k].get<std::uint64_t>()));
+    if (const auto v = required(s, k, missing); v > 0 && v != missing_counter)
+      bad.push_back(std::string(k) + " " + std::to_string(v));
+  for (const auto& k : missing) bad.push_back("no '" + k + "' in the --stats JSON");
   return bad;
 }
 
@@ -446,7 +454,7 @@ bool start_rig(const std::string& nginx, const fs::path& dir, const instance_opt
 
 // A run's directory and its rig; the rig (nginx, instances) goes first.
 struct run_env {
-  temp_dir dir;
+  kept_temp_dir dir;
   rig r;
 };
 
@@ -498,6 +506,7 @@ struct bench_result {
   std::uint64_t completed = 0;
   std::uint64_t errors = 0;
   std::string error_classes;  // "bad_status 3, reset 1"
+  std::vector<std::string> missing;  // keys its JSON should have had
 };
 
 bench_result finish_bench(bench_run& b, std::chrono::milliseconds limit) {
@@ -505,12 +514,18 @@ bench_result finish_bench(bench_run& b, std::chrono::milliseconds limit) {
   r.status = b.proc->wait(limit);
   b.proc.reset();
   r.j = json::parse(read_file(b.json_path), nullptr, false);
-  if (!r.j.is_object()) return r;
-  r.completed = r.j.value("completed", std::uint64_t{0});
-  for (const auto& [k, v] : r.j["errors"].items()) {
-    if (k == "total") {
-      r.errors = v.get<std::uint64_t>();
-    } else if (v.get<std::uint64_t>() > 0) {
+  if (!r.j.is_object()) {
+    r.missing.push_back("the whole JSON report");
+    r.errors = missing_counter;
+    return r;
+  }
+  r.completed = required(r.j, "completed", r.missing);
+  if (r.completed == missing_counter) r.completed = 0;
+  const json errors = r.j.value("errors", json::object());
+  r.errors = required(errors, "total", r.missing);
+  for (const auto& [k, v] : errors.items()) {
+    if (k == "total") continue;
+    if (v.get<std::uint64_t>() > 0) {
       r.error_classes += (r.error_classes.empty() ? "" : ", ") + k + " " + std::to_string(v.get<std::uint64_t>());
     }
   }
@@ -539,7 +554,7 @@ void run_restarts(double seconds, const instance_options& io, restart_outcome& o
   run_env env;
   std::string why;
   ASSERT_TRUE(start_env(env, io, why)) << why;
-  const temp_dir& dir = env.dir;
+  const kept_temp_dir& dir = env.dir;
   rig& r = env.r;
   auto& live = r.live;
   auto& px = r.px;
@@ -603,10 +618,21 @@ void expect_clean_restarts(const restart_outcome& o) {
   ASSERT_EQ(o.loads.size(), 2u);
   for (const auto& b : o.loads) {
     EXPECT_EQ(b.status, 0) << "closewise-bench did not run to the end";
+    EXPECT_TRUE(b.missing.empty()) << "closewise-bench's JSON lacks " << ::testing::PrintToString(b.missing);
     EXPECT_GT(b.completed, 0u);
     EXPECT_EQ(b.errors, 0u) << b.error_classes;
   }
   EXPECT_EQ(o.logs.server_errors, 0u) << describe(o.logs) << "\n" << head_of(o.logs.error_log);
+  // What nginx saw upstream, not only what its clients got: proxy_next_upstream
+  // retries a refused connect or a connection closed under a request on the
+  // other instance, so a hand-over that refuses or drops one still answers
+  // 200. A clean restart gives nginx nothing to retry and nothing to log.
+  EXPECT_EQ(o.logs.connect_failed, 0u) << "a connect refused during a hand-over: " << describe(o.logs) << "\n"
+                                       << head_of(o.logs.error_log);
+  EXPECT_EQ(o.logs.retried, 0u) << "requests retried on the other upstream: " << describe(o.logs);
+  EXPECT_EQ(o.logs.premature_close, 0u) << "upstream connections closed under a request: " << describe(o.logs);
+  EXPECT_EQ(o.logs.reset_by_peer, 0u) << "upstream connections reset: " << describe(o.logs);
+  EXPECT_GT(o.logs.requests, 0u) << "nginx logged no request: its access log format changed?";
   for (const auto& s : o.stops) {
     EXPECT_EQ(s.status, 0) << "an instance did not drain and exit 0 within its deadline";
     EXPECT_TRUE(s.unexplained.empty()) << ::testing::PrintToString(s.unexplained) << "\n" << s.stats.dump();
@@ -750,9 +776,15 @@ TEST(proxy, idle_timeout_shorter_than_the_proxy_keepalive_fails_requests) {
   run_idle_race(seconds, io, race_gap_ms(), race_jitter_ms(), enough, o);
   if (HasFatalFailure()) return;
   print_race("idle timeout 0.3 s, nginx upstream keepalive_timeout 60 s:", o);
-  EXPECT_GT(o.logs.server_errors, 0u) << "the race did not show in " << o.wall_s << " s";
   EXPECT_EQ(o.logs.server_errors, o.logs.statuses["502"]) << "every failure should be nginx's 502";
   EXPECT_EQ(o.errors, o.classes["bad_status"]) << "closewise-bench should see only the 502s";
+  // The race is a matter of microseconds between two processes: with a CPU
+  // hog on both cores it did not show once in 200 s (296 bursts, 28,416
+  // POSTs). Not showing it proves nothing either way, so that run is a skip
+  // with the reason, not a failure (nor a pass).
+  if (o.logs.server_errors == 0)
+    GTEST_SKIP() << "the race did not show in " << o.wall_s << " s (" << o.bursts
+                 << " bursts): timing-dependent, a loaded machine can miss it";
 }
 
 // The same pattern with the default idle timeout (75 s, longer than nginx's
@@ -773,6 +805,11 @@ TEST(proxy, idle_timeout_longer_than_the_proxy_keepalive_fails_none) {
   EXPECT_GT(o.completed, 0u);
   EXPECT_EQ(o.errors, 0u);
   EXPECT_EQ(o.logs.server_errors, 0u) << head_of(o.logs.error_log);
+  // Nothing retried behind the clients' backs either (see expect_clean_restarts).
+  EXPECT_EQ(o.logs.connect_failed, 0u) << describe(o.logs);
+  EXPECT_EQ(o.logs.retried, 0u) << describe(o.logs);
+  EXPECT_EQ(o.logs.premature_close, 0u) << describe(o.logs);
+  EXPECT_EQ(o.logs.reset_by_peer, 0u) << describe(o.logs);
   for (const auto& s : o.stops) {
     EXPECT_EQ(s.status, 0);
     EXPECT_TRUE(s.unexplained.empty()) << ::testing::PrintToString(s.unexplained);

@@ -4,11 +4,12 @@
 // back at the end. Label `soak`: CI schedules it apart from the quick suites.
 //
 // Client closes first, on purpose: the client's side then keeps TIME_WAIT on
-// its ephemeral port (the closer holds it, DESIGN.md), so after ~28,000
-// cycles every port of the range is in TIME_WAIT and each new connect() has
-// to reuse one (tcp_tw_reuse=2, loopback only). That is the path that fails
-// with EADDRNOTAVAIL when a stack gets TIME_WAIT wrong (FIELD-NOTES: with
-// tcp_tw_reuse=0 it fails at 28,232). Server-closes-first would leave the
+// its ephemeral port (the side that sends the first FIN holds it;
+// docs/teardown.md), so after ~28,000 cycles every port of the range is in
+// TIME_WAIT and each new connect() has to reuse one (tcp_tw_reuse=2, loopback
+// only). That is the path that fails with EADDRNOTAVAIL when a stack gets
+// TIME_WAIT wrong (with tcp_tw_reuse=0, Linux fails it at 28,232: the size of
+// the default range 32768-60999). Server-closes-first would leave the
 // TIME_WAIT on the server's (server port, client port) tuples, which never
 // block a client's connect and so never exhaust anything.
 //
@@ -70,11 +71,7 @@ int one_cycle(std::uint16_t server_port, const std::string& payload, std::uint16
   timeval limit{5, 0};
   ::setsockopt(p.fd(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
   ::setsockopt(p.fd(), SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(server_port);
-  if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return errno;
+  if (const int err = connect_loopback(p.fd(), server_port); err != 0) return err;
   local_port = p.local_port();
   if (const long r = p.send_all(payload.data(), payload.size()); r < 0) return static_cast<int>(-r);
   std::string back(payload.size(), '\0');
@@ -103,9 +100,6 @@ TEST(soak, connection_churn_past_the_ephemeral_port_range) {
 
   const std::size_t cycles = churn_count();
   const std::size_t range = ephemeral_range_size();
-  if (cycles <= range)
-    std::printf("note: %zu cycles do not exceed the %zu ephemeral ports: TIME_WAIT reuse is not exercised\n", cycles,
-                range);
   const std::string payload = pattern(1024);
   const auto fds = open_fd_count();
   std::map<int, std::size_t> failures;  // errno -> count
@@ -180,6 +174,11 @@ TEST(soak, connection_churn_past_the_ephemeral_port_range) {
       "churn: %zu cycles in %.1f s (%.0f/s), %zu distinct client ports of %zu, %zu client TIME_WAIT at the end,"
       " %zu failures\n",
       done, seconds, seconds > 0 ? done / seconds : 0.0, ports_used.count(), range, time_wait, failed);
+  // A run that never went past the range proved the churn, not the reuse this
+  // test is for: a skip (listed with its reason), not a pass.
+  if (cycles <= range || range == 0)
+    GTEST_SKIP() << cycles << " cycles do not exceed the " << range
+                 << " ephemeral ports: TIME_WAIT reuse not exercised (CLOSEWISE_CHURN sets the count)";
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -62,7 +63,15 @@ constexpr milliseconds slack = 1500ms;
 #else
 constexpr milliseconds slack = 500ms;
 #endif
+// The fresh client's p99: a liveness bound, not a benchmark. Sanitizers slow
+// every request several times (measured under ThreadSanitizer: p99 5-9 ms,
+// once 189 ms on a machine at load 7), so the bound scales with them as
+// `slack` does; a starved client waits for a slow one's deadline (seconds).
+#if defined(CLOSEWISE_SANITIZED)
+constexpr milliseconds fresh_p99_bound = 500ms;
+#else
 constexpr milliseconds fresh_p99_bound = 100ms;
+#endif
 
 constexpr int slowloris_clients = 16;
 constexpr int slow_body_clients = 16;
@@ -104,6 +113,11 @@ struct results {
   void cut(kind k, clock_type::duration d) {
     std::lock_guard lock(mu);
     cuts[static_cast<std::size_t>(k)].push_back(ms_of(d));
+  }
+  int readers_reset = 0, readers_fin = 0;  // how the slow readers' connections ended, at the client
+  void reader_end(bool by_reset) {
+    std::lock_guard lock(mu);
+    ++(by_reset ? readers_reset : readers_fin);
   }
   void fail(std::string what) {
     std::lock_guard lock(mu);
@@ -161,10 +175,35 @@ void slow_sender(rr::http_server& s, results& out, kind k, clock_type::time_poin
   }
 }
 
-// Reads whatever has arrived, without waiting.
-void read_available(raw_peer& p) {
+// How a read of whatever had arrived ended: still open (nothing more to read
+// yet), a clean EOF, or an error.
+struct read_end {
+  bool eof = false;
+  int error = 0;            ///< errno (not EAGAIN) that ended it
+  std::uint64_t bytes = 0;  ///< read by this call
+  bool ended() const { return eof || error != 0; }
+};
+
+// Reads whatever has arrived, without waiting. The error is kept: Linux
+// reports a RST's ECONNRESET to one read only, and the reads after it return
+// 0, a clean EOF. Dropping it here made the later drain see that EOF, and the
+// test blame the server for a reset it did send.
+read_end read_available(raw_peer& p) {
   char buf[16 * 1024];
-  while (::recv(p.fd(), buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  read_end e;
+  for (;;) {
+    const ssize_t r = ::recv(p.fd(), buf, sizeof(buf), MSG_DONTWAIT);
+    if (r > 0) {
+      e.bytes += static_cast<std::uint64_t>(r);
+      continue;
+    }
+    if (r == 0) {
+      e.eof = true;
+      return e;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) e.error = errno;
+    return e;
   }
 }
 
@@ -177,25 +216,40 @@ void slow_reader(rr::http_server& s, results& out, kind k, clock_type::time_poin
       return;
     }
     const auto port = p.local_port();
-    const std::string request = "GET /bytes/268435456 HTTP/1.1\r\nHost: slow\r\n\r\n";
+    constexpr std::uint64_t response_body = 268435456;
+    const std::string request = fmt::format("GET /bytes/{} HTTP/1.1\r\nHost: slow\r\n\r\n", response_body);
     const auto t0 = clock_type::now();
     if (p.send_all(request.data(), request.size()) < 0) {
       out.fail("send failed");
       return;
     }
     std::optional<close_report> report;
+    read_end seen;  // how the slow reads ended, if one of them saw the end
+    std::uint64_t slow_bytes = 0;
     if (k == kind::never_reads) {
       report = s.take_report(port, 20s);
     } else {
       // The wait for the report is the reader's pause between two reads.
       while (!report && clock_type::now() < t0 + 20s) {
         report = s.take_report(port, 1500ms);
-        if (!report) read_available(p);
+        if (!report && !seen.ended()) {
+          seen = read_available(p);
+          slow_bytes += seen.bytes;
+        }
       }
     }
     const auto took = clock_type::now() - t0;
-    // The bytes already here, then the server's RST: an error, not a clean EOF.
-    const auto d = p.drain(nullptr, 5s);
+    // The bytes already here, then the end. If a slow read already met the
+    // end, that is what the client saw: Linux reports a RST's ECONNRESET to
+    // one read only, and a drain after it would read a clean EOF.
+    raw_peer::drained d;
+    if (seen.ended()) {
+      d.eof = seen.eof;
+      d.error = seen.error;
+    } else {
+      d = p.drain(nullptr, 5s);
+    }
+    const std::uint64_t received = slow_bytes + d.bytes;
     const auto [lo, hi] = cut_window(k);
     if (!report) {
       out.fail(name + ": no close report within 20 s");
@@ -205,9 +259,23 @@ void slow_reader(rr::http_server& s, results& out, kind k, clock_type::time_poin
       out.fail(fmt::format("{}: cut after {:.0f} ms, not in [{}, {}] ms", name, ms_of(took), lo.count(), hi.count()));
     if (report->timeout != timeout_kind::write || !report->rst_sent)
       out.fail(name + ": not a write timeout ended by a RST: " + report->describe());
-    if (d.eof || d.error != ECONNRESET)
+    if (received >= response_body)
+      out.fail(fmt::format("{}: received {} bytes: the whole response despite the write timeout", name, received));
+    // After the write timeout the server's graceful close queues its FIN
+    // behind the bytes the kernel still holds (~2.8 MB here). A client that
+    // never reads cannot reach it: the RST at linger_timeout is what it
+    // sees. A client whose read at 1.5 s drains that queue (one loopback read
+    // loop does) reads the FIN first: a clean EOF on a truncated response,
+    // then the RST (which then reads as EOF too). Either way the response is
+    // cut short and the connection ends by the linger timeout's RST. Since
+    // the slow reads keep the error, an EOF they saw was a FIN that came
+    // before the RST: a RST first would have read as ECONNRESET.
+    const bool by_reset = !d.eof && d.error == ECONNRESET;
+    const bool by_fin_before_reset = k == kind::reads_slowly && seen.eof;
+    if (!by_reset && !by_fin_before_reset)
       out.fail(fmt::format("{}: the client saw {} after {} bytes, not ECONNRESET", name,
-                           d.eof ? "a clean EOF" : std::strerror(d.error), d.bytes));
+                           d.eof ? "a clean EOF" : std::strerror(d.error), received));
+    out.reader_end(by_reset);
     out.cut(k, took);
   }
 }
@@ -298,6 +366,8 @@ TEST(soak, slow_clients_are_cut_at_their_deadlines_while_a_fresh_client_stays_fa
                 static_cast<long long>(lo.count()), static_cast<long long>(hi.count()));
     if (k <= static_cast<std::size_t>(kind::slow_body)) slow_senders += v.size();
   }
+  std::printf("slow: slow readers: %d saw the RST, %d the FIN first (a truncated response, then the RST)\n",
+              out.readers_reset, out.readers_fin);
   EXPECT_EQ(s.service().counters().timeouts.load(), slow_senders) << "every slow sender gets its 408, once";
   const double p50 = percentile(out.fresh, 0.5), p99 = percentile(out.fresh, 0.99), max = percentile(out.fresh, 1);
   std::printf(

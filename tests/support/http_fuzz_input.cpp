@@ -147,6 +147,7 @@ http_fuzz_target::http_fuzz_target(session_handler h)
 }
 
 std::optional<std::string> http_fuzz_target::run(const std::uint8_t* data, std::size_t size) {
+  last_statuses_.clear();
   const http_fuzz_plan plan = decode_http_input(data, size);
   const counters_seen before = read_counters(svc_->counters());
   const std::string where = std::string(" [ending ") + ending_name(plan.ending) + ", " +
@@ -216,6 +217,8 @@ std::optional<std::string> http_fuzz_target::run(const std::uint8_t* data, std::
 
   const request_sequence reqs = parse_requests(plan.payload, svc_->options().max_header_bytes);
   const response_sequence seq = parse_responses(got, reqs.head);
+  for (const auto& r : seq.responses)
+    if (r.status >= 200) last_statuses_.push_back(r.status);
   const std::string seen = " (responses: " + statuses(seq) + ")" + where;
   if (seq.error) return *seq.error + seen;
   if (plan.ending == http_fuzz_ending::half_close && seq.leftover > 0) {

@@ -73,8 +73,12 @@ class http_fuzz_target {
   /// Runs one input; the broken promise, if any.
   std::optional<std::string> run(const std::uint8_t* data, std::size_t size);
   std::uint16_t port() const noexcept { return srv_.port(); }
+  /// The statuses of the final responses the last run() read, in order
+  /// (interim 100s left out), whatever its verdict.
+  const std::vector<unsigned>& last_statuses() const noexcept { return last_statuses_; }
 
  private:
+  std::vector<unsigned> last_statuses_;
   std::shared_ptr<reqresp::http_service> svc_;
   fuzz_server srv_;
   std::uint64_t connections_ = 0;  ///< made by this target so far

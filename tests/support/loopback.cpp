@@ -2,7 +2,12 @@
 
 #include <dirent.h>
 #include <poll.h>
+#include <sys/un.h>
 
+#include <cstring>
+
+#include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
 
 namespace closewise::test {
@@ -68,6 +73,12 @@ raw_peer::drained raw_peer::drain(std::string* sink, std::chrono::milliseconds r
   for (;;) {
     pollfd p{fd_, POLLIN, 0};
     const int ready = ::poll(&p, 1, static_cast<int>(recv_timeout.count()));
+    // A failed poll (EINTR) must not fall through to a blocking recv with no bound.
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      d.error = errno;
+      return d;
+    }
     if (ready == 0) {
       d.error = ETIMEDOUT;
       return d;
@@ -90,13 +101,28 @@ raw_peer::drained raw_peer::drain(std::string* sink, std::chrono::milliseconds r
 void raw_peer::set_rcvbuf(int bytes) noexcept { ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes)); }
 void raw_peer::set_sndbuf(int bytes) noexcept { ::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes)); }
 
-raw_peer connect_to(std::uint16_t port, int rcvbuf) {
-  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  if (rcvbuf > 0) p.set_rcvbuf(rcvbuf);
+int connect_loopback(int fd, std::uint16_t port) noexcept {
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   a.sin_port = htons(port);
+  return ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 ? 0 : errno;
+}
+
+raw_peer connect_to(std::uint16_t port, int rcvbuf) {
+  raw_peer p(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (p.fd() < 0) return p;
+  if (rcvbuf > 0) p.set_rcvbuf(rcvbuf);
+  if (connect_loopback(p.fd(), port) != 0) return raw_peer{};
+  return p;
+}
+
+raw_peer connect_unix(const std::string& path) {
+  raw_peer p(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  if (p.fd() < 0 || path.size() >= sizeof(a.sun_path)) return raw_peer{};
+  std::memcpy(a.sun_path, path.c_str(), path.size() + 1);
   if (::connect(p.fd(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return raw_peer{};
   return p;
 }
@@ -151,6 +177,19 @@ std::size_t open_fd_count() {
     ::closedir(d);
   }
   return n;
+}
+
+temp_dir::temp_dir() {
+  const char* base = std::getenv("TMPDIR");
+  // Short: a Unix socket path must fit in sun_path (108 bytes).
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/closewise-XXXXXX";
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+temp_dir::~temp_dir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
 }
 
 }  // namespace closewise::test

@@ -40,6 +40,8 @@ class raw_peer {
   ~raw_peer() { close(); }
 
   int fd() const noexcept { return fd_; }
+  /// Gives the descriptor up to the caller (who closes it); the peer is empty.
+  int release() noexcept { return std::exchange(fd_, -1); }
   std::uint16_t local_port() const;
   void close() noexcept;
   /// SO_LINGER {1,0} + close: the other side gets RST.
@@ -69,6 +71,14 @@ class raw_peer {
 /// Connects a raw peer to 127.0.0.1:`port` (optionally with a small receive
 /// buffer, set before connecting); an empty peer (fd -1) if the connect fails.
 raw_peer connect_to(std::uint16_t port, int rcvbuf = 0);
+
+/// Connects an existing TCP socket (options already set, or created while
+/// descriptors were still available) to 127.0.0.1:`port`; 0 or the errno.
+int connect_loopback(int fd, std::uint16_t port) noexcept;
+
+/// Connects a raw peer to the Unix stream socket at `path`; an empty peer
+/// (fd -1) if the path does not fit or the connect fails.
+raw_peer connect_unix(const std::string& path);
 
 /// An acceptor on loopback port 0 and a helper that connects a raw peer and
 /// accepts the matching server stream.
@@ -107,5 +117,21 @@ std::string pattern(std::size_t n);
 
 /// Number of descriptors open in this process.
 std::size_t open_fd_count();
+
+/// A fresh directory of its own under $TMPDIR (or /tmp), removed with its
+/// files on destruction. For Unix socket paths and files: a fixed or pid-based
+/// name collides with another test or a stale run; mkdtemp's cannot.
+class temp_dir {
+ public:
+  temp_dir();
+  ~temp_dir();
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
 
 }  // namespace closewise::test

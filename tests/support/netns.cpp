@@ -182,15 +182,16 @@ netns_verdict run_current_test_in_private_netns(std::chrono::seconds limit) {
   if (r.output.find("[  SKIPPED ]") != std::string::npos) {
     v.result = netns_verdict::outcome::skipped;
     v.reason = skip_reason(r.output);
-    return v;
-  }
-  if (r.output.find("[       OK ]") == std::string::npos) {
+  } else if (r.output.find("[       OK ]") == std::string::npos) {
     v.reason = "the child ran no test; its output:\n" + r.output;
     return v;
+  } else {
+    v.result = netns_verdict::outcome::passed;
   }
-  v.result = netns_verdict::outcome::passed;
-  // The child's own lines (timings, counts) belong in this test's log too;
-  // gtest's banner lines would only repeat the parent's.
+  // The child's own lines (timings, counts) belong in this test's log too,
+  // a skipped one's as well (a test may skip one assertion after running the
+  // rest, and CI collects their figures); gtest's banner lines would only
+  // repeat the parent's.
   std::size_t from = 0;
   while (from < r.output.size()) {
     auto to = r.output.find('\n', from);

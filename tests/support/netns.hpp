@@ -92,7 +92,9 @@ bool have_tool(const std::string& tool);
 
 /// Like CLOSEWISE_IN_PRIVATE_NETNS, for load tests that prefer a namespace but
 /// do not need one: where namespaces are unavailable the rest of the test runs
-/// here, on this machine's own loopback, with a note saying so.
+/// here, on this machine's own loopback, with a note saying so (and
+/// netns.a_private_namespace_is_available_for_the_load_tests, which needs
+/// one, is reported skipped with the reason).
 #define CLOSEWISE_IN_PRIVATE_NETNS_IF_POSSIBLE(limit)                                                       \
   do {                                                                                                      \
     using closewise_outcome = ::closewise::test::netns_verdict::outcome;                                    \
@@ -102,6 +104,7 @@ bool have_tool(const std::string& tool);
       if (closewise_verdict.result == closewise_outcome::failed)                                            \
         FAIL() << "in the private network namespace:\n" << closewise_verdict.reason;                        \
       if (closewise_verdict.result == closewise_outcome::skipped) GTEST_SKIP() << closewise_verdict.reason; \
+      /* netns.a_private_namespace_is_available_for_the_load_tests is skipped then, with the reason. */     \
       std::printf("note: running on this machine's own loopback (%s)\n", closewise_verdict.reason.c_str()); \
     } else if (const auto closewise_why = ::closewise::test::prepare_private_netns()) {                     \
       FAIL() << *closewise_why;                                                                             \

@@ -3,6 +3,9 @@
 // close report kept (with the peer it belongs to and when it arrived) and a
 // bounded wait for one. Used by the fault-injection and soak suites.
 
+#include <pthread.h>
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
@@ -55,6 +58,17 @@ class running_server {
   }
 
   server& get() { return srv_; }
+
+  /// CPU time used so far by the thread that calls server::run(): with
+  /// `threads = 1`, the server's only I/O thread (accept loop included), and
+  /// no other thread of the test process. nullopt if the clock is unavailable.
+  std::optional<std::chrono::nanoseconds> run_thread_cpu_time() {
+    clockid_t id{};
+    timespec ts{};
+    if (::pthread_getcpuclockid(thread_.native_handle(), &id) != 0 || ::clock_gettime(id, &ts) != 0)
+      return std::nullopt;
+    return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+  }
   std::uint16_t port() const { return port_; }
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
 

@@ -1,7 +1,7 @@
 // Unit tests of the sans-I/O core: every transition of connection_state, the
 // teardown policies, classify() and time_wait_holder(). The expectations come
-// from core.hpp and DESIGN.md, not from reading core.cpp: each row is what a
-// user of the machine relies on.
+// from core.hpp and docs/design.md (the state machine, the policies), not
+// from reading core.cpp: each row is what a user of the machine relies on.
 
 #include "closewise/core.hpp"
 #include "../support/core_invariants.hpp"
@@ -249,7 +249,7 @@ std::vector<row> transition_table() {
   t.push_back(
       ok(st, "eof", a::notify_peer_fin | closed_now, rs::peer_fin, ws::fin_sent, ph::closed, cc::ours_then_peer_fin));
   t.push_back(ok(st, "read_error(reset)", closed_now, rs::reset, ws::broken, ph::reset, cc::peer_reset_idle));
-  t.push_back(no(st, "write_started"));  // EPIPE territory (DESIGN.md row 5)
+  t.push_back(no(st, "write_started"));  // EPIPE territory (docs/design.md, "the eight kernel experiments", row 5: a write after our FIN)
   t.push_back(no(st, "write_done"));
   t.push_back(no(st, "write_error(broken_pipe)"));
   t.push_back(ok(st, "shutdown_write", none, rs::open, ws::fin_sent, ph::local_half_closed));
@@ -893,7 +893,8 @@ TEST(classify, broken_pipe_aborted_and_others) {
 }
 
 TEST(classify, zero_byte_read_after_reset_stays_a_reset) {
-  // DESIGN.md row 8: Linux delivers queued bytes, then ECONNRESET once, then reads return 0.
+  // docs/design.md, "the eight kernel experiments", row 8: Linux delivers queued bytes,
+  // then ECONNRESET once, then reads return 0.
   connection_state s;
   feed(s, event::read(20));  // the queued bytes
   EXPECT_EQ(feed(s, event::read_failed(io_error::reset)), closed_now);
