@@ -39,7 +39,7 @@ struct pair_view {
 
 pair_view look(std::uint16_t server_port, std::uint16_t client_port) {
   pair_view v;
-  std::error_code ec;
+  closewise::error_code ec;
   for (const auto& s : list_tcp_sockets(client_port, ec)) {
     if (s.local_port == server_port && s.remote_port == client_port) v.server_side = s.state;
     if (s.local_port == client_port && s.remote_port == server_port) v.client_side = s.state;

@@ -406,7 +406,7 @@ class loopback_server {
 // it also sees sockets that no descriptor reaches any more (an orphan in
 // FIN_WAIT2, TIME_WAIT). "gone" when the kernel lists none.
 std::string diag_state(std::uint16_t local, std::uint16_t remote) {
-  std::error_code ec;
+  closewise::error_code ec;
   const auto list = list_tcp_sockets(local, ec);
   if (ec) return "sock_diag failed: " + ec.message();
   for (const auto& s : list) {
@@ -418,7 +418,7 @@ std::string diag_state(std::uint16_t local, std::uint16_t remote) {
 // Every socket of the connection between ports a and b, both ends, as
 // "STATE STATE" ("none" when the kernel lists none).
 std::string diag_connection(std::uint16_t a, std::uint16_t b) {
-  std::error_code ec;
+  closewise::error_code ec;
   const auto list = list_tcp_sockets(a, ec);
   if (ec) return "sock_diag failed: " + ec.message();
   std::string out;

@@ -84,7 +84,7 @@ long read_rss_kib(int pid) {
 }
 
 long accept_queue_length(std::uint16_t port, int family) {
-  std::error_code ec;  // a failed query lists what it had: the queues read so far count
+  closewise::error_code ec;  // a failed query lists what it had: the queues read so far count
   long found = -1;
   for (const auto& s : list_tcp_sockets(port, family, tcp_states(tcp_state::listen), ec)) {
     // For a listener, rqueue is the accept queue's current length.
@@ -218,7 +218,7 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
       r.kib_per_connection = static_cast<double>(r.rss_after_kib - r.rss_before_kib) / static_cast<double>(r.opened);
     }
   }
-  std::error_code ec;
+  closewise::error_code ec;
   r.server_established = count_tcp_state(cfg.port, tcp_state::established, ec).local_side;
 
   // Watch the held connections: the server should leave them alone.

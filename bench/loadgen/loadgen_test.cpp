@@ -305,7 +305,7 @@ TEST(Engine, ServerCloseWaitsForTheServersFin) {
   EXPECT_EQ(r.completed, 20u);
   EXPECT_EQ(r.errors_total(), 0u);
   // The server's FIN went first: the TIME_WAIT is on the server's side.
-  std::error_code ec;
+  closewise::error_code ec;
   const auto tw = closewise::count_tcp_state(srv.port(), closewise::tcp_state::time_wait, ec);
   if (!ec) {
     EXPECT_GE(tw.local_side, 20u);

@@ -130,7 +130,7 @@ struct socket_census {
 
 socket_census take_census(std::uint16_t port) {
   socket_census c;
-  std::error_code ec;
+  closewise::error_code ec;
   for (const auto& s : closewise::list_tcp_sockets(port, ec)) {
     if (s.state == closewise::tcp_state::listen) continue;
     std::string st(closewise::to_string(s.state));  // "TIME_WAIT" -> "time_wait": JSON keys
@@ -439,7 +439,7 @@ int main(int argc, char** argv) {
   const bool keepalive = cfg.run_mode == cb::mode::keepalive;
   const std::string unit = keepalive ? "req/s" : "conn/s";
 
-  std::error_code ec;
+  closewise::error_code ec;
   const auto tw_before = closewise::count_tcp_state(target.port, closewise::tcp_state::time_wait, ec);
   cb::load_result r;
   try {

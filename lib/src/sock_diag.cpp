@@ -26,7 +26,7 @@ struct fd_guard {
 // One dump request for one address family and the sockets in `states`;
 // appends those on `port` to `out`.
 bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_t port, std::vector<diag_socket>& out,
-                 std::error_code& ec) {
+                 error_code& ec) {
   struct {
     nlmsghdr nlh;
     inet_diag_req_v2 req;
@@ -42,7 +42,7 @@ bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_
   sockaddr_nl kernel{};
   kernel.nl_family = AF_NETLINK;
   if (::sendto(nl, &msg, sizeof(msg), 0, reinterpret_cast<sockaddr*>(&kernel), sizeof(kernel)) < 0) {
-    ec = std::error_code(errno, std::system_category());
+    ec = error_code(errno, boost::system::system_category());
     return false;
   }
   alignas(nlmsghdr) std::array<char, 32768> buf;
@@ -50,7 +50,7 @@ bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_
     const ssize_t n = ::recv(nl, buf.data(), buf.size(), 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      ec = std::error_code(errno, std::system_category());
+      ec = error_code(errno, boost::system::system_category());
       return false;
     }
     int left = static_cast<int>(n);
@@ -58,7 +58,7 @@ bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_
       if (h->nlmsg_type == NLMSG_DONE) return true;
       if (h->nlmsg_type == NLMSG_ERROR) {
         const auto* err = static_cast<const nlmsgerr*>(NLMSG_DATA(h));
-        ec = std::error_code(-err->error, std::system_category());
+        ec = error_code(-err->error, boost::system::system_category());
         return false;
       }
       const auto* m = static_cast<const inet_diag_msg*>(NLMSG_DATA(h));
@@ -75,12 +75,12 @@ bool dump_family(int nl, std::uint8_t family, tcp_state_set states, std::uint16_
 
 // Dumps `families` in turn on one netlink socket, stopping at the first failure.
 std::vector<diag_socket> list(std::initializer_list<std::uint8_t> families, tcp_state_set states, std::uint16_t port,
-                              std::error_code& ec) {
+                              error_code& ec) {
   ec.clear();
   std::vector<diag_socket> out;
   fd_guard nl{::socket(AF_NETLINK, SOCK_DGRAM | SOCK_CLOEXEC, NETLINK_SOCK_DIAG)};
   if (nl.fd < 0) {
-    ec = std::error_code(errno, std::system_category());
+    ec = error_code(errno, boost::system::system_category());
     return out;
   }
   for (const std::uint8_t family : families) {
@@ -91,15 +91,15 @@ std::vector<diag_socket> list(std::initializer_list<std::uint8_t> families, tcp_
 
 }  // namespace
 
-std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, std::error_code& ec) {
+std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, error_code& ec) {
   return list({AF_INET, AF_INET6}, all_tcp_states, port, ec);
 }
 
-std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, int family, tcp_state_set states, std::error_code& ec) {
+std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, int family, tcp_state_set states, error_code& ec) {
   return list({static_cast<std::uint8_t>(family)}, states, port, ec);
 }
 
-state_count count_tcp_state(std::uint16_t port, tcp_state state, std::error_code& ec) {
+state_count count_tcp_state(std::uint16_t port, tcp_state state, error_code& ec) {
   state_count c;
   for (const auto& s : list_tcp_sockets(port, ec)) {
     if (s.state != state) continue;

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <iterator>
 #include <random>
 #include <stdexcept>
 
@@ -204,7 +205,7 @@ exchange_result run_exchange(int fd, const exchange_plan& plan) {
 // ---- checks -------------------------------------------------------------------
 
 void expect_no_half_closed_leftovers(std::uint16_t port) {
-  std::error_code ec;
+  closewise::error_code ec;
   for (const auto& s : list_tcp_sockets(port, ec)) {
     if (s.local_port != port) continue;
     EXPECT_NE(s.state, tcp_state::close_wait) << "server socket left in CLOSE_WAIT (peer port " << s.remote_port << ")";
@@ -418,8 +419,13 @@ std::string echo_binary() { return CLOSEWISE_ECHO_BINARY; }
 
 echo_process::echo_process(std::vector<std::string> args, std::size_t count)
     : proc([&] {
-        args.insert(args.begin(), echo_binary());
-        return args;
+        // Built in place: g++ 12 at -O3 warns (-Warray-bounds, a false
+        // positive) on moving a temporary std::string into the vector.
+        std::vector<std::string> argv;
+        argv.reserve(args.size() + 1);
+        argv.emplace_back(CLOSEWISE_ECHO_BINARY);
+        std::move(args.begin(), args.end(), std::back_inserter(argv));
+        return argv;
       }()) {
   for (std::size_t i = 0; i < count; ++i) {
     const auto line = proc.read_line();

@@ -234,7 +234,7 @@ TEST(kv_example, quit_bang_resets_the_connection_and_leaves_no_time_wait) {
   EXPECT_TRUE(reports[0].rst_sent);
   EXPECT_EQ(reports[0].time_wait, side::none);
   peer.close();
-  std::error_code ec;
+  closewise::error_code ec;
   std::size_t time_wait = 0;
   for (const auto& d : list_tcp_sockets(s.port(), ec))
     time_wait += d.state == tcp_state::time_wait && (d.local_port == peer_port || d.remote_port == peer_port);

@@ -173,8 +173,10 @@ asio::awaitable<void> answers_after_refusing(connection& c) {
 
 // Mode 0 (half-close), no splits, then a request.
 std::vector<std::uint8_t> http_input(std::string_view request) {
-  std::vector<std::uint8_t> in{0, 0};
-  in.insert(in.end(), request.begin(), request.end());
+  // Sized first, then copied: g++ 12 at -O3 warns on inserting into the
+  // two-byte vector (-Warray-bounds, a false positive).
+  std::vector<std::uint8_t> in(2 + request.size(), 0);
+  std::copy(request.begin(), request.end(), in.begin() + 2);
   return in;
 }
 

@@ -28,6 +28,7 @@
 
 #include "closewise/server.hpp"
 #include "closewise/sock_diag.hpp"
+#include "stats_recorder.hpp"
 
 using namespace closewise;
 using namespace closewise::test;
@@ -46,7 +47,7 @@ server_options local_options(unsigned threads = 1) {
 
 // No socket of the server's port left in CLOSE_WAIT or FIN_WAIT2 on the server's side.
 void expect_no_half_closed_leftovers(std::uint16_t port) {
-  std::error_code ec;
+  closewise::error_code ec;
   for (const auto& s : list_tcp_sockets(port, ec)) {
     if (s.local_port != port) continue;
     EXPECT_NE(s.state, tcp_state::close_wait) << "server socket left in CLOSE_WAIT";
@@ -985,8 +986,9 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
   EXPECT_NE(prom.find("# TYPE closewise_connections_waiting_for_input gauge\n"), std::string::npos);
   EXPECT_NE(prom.find("# TYPE closewise_connections_accepted_total counter\n"), std::string::npos);
 
-  // And server_stats feeds the snapshot: the counters a report and an accept error move.
-  server_stats st;
+  // And the server's recorder (internal: users read server_stats) feeds the
+  // snapshot: the counters a report and an accept error move.
+  internal::stats_recorder st;
   st.accepted();
   close_report r;
   r.cause = close_cause::linger_timeout;
@@ -1091,7 +1093,7 @@ TEST(client, rst_if_safe_after_the_full_response_leaves_no_time_wait) {
   const auto reports = s.reports();
   ASSERT_EQ(reports.size(), 1u);
   EXPECT_EQ(reports[0].report.cause, close_cause::peer_reset_idle) << reports[0].report.describe();
-  std::error_code ec;
+  closewise::error_code ec;
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).remote_side, 0u);
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::time_wait, ec).local_side, 0u);
 }

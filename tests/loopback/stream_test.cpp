@@ -71,7 +71,7 @@ class stream_test : public ::testing::TestWithParam<bool> {
   }
 
   std::size_t time_wait_count(std::uint16_t a, std::uint16_t b) {
-    std::error_code ec;
+    closewise::error_code ec;
     std::size_t n = 0;
     for (const auto& d : list_tcp_sockets(factory_->port(), ec)) {
       if (d.state == tcp_state::time_wait &&

@@ -110,13 +110,18 @@ TEST(http_rules, maps_parse_errors_to_statuses) {
 }
 
 TEST(http_rules, tells_a_huge_method_from_a_huge_target_from_huge_fields) {
-  EXPECT_EQ(verdict(std::string(9000, 'A') + " / HTTP/1.1\r\nHost: x\r\n\r\n"), 501u);
-  EXPECT_EQ(verdict("GET /" + std::string(9000, 'a') + " HTTP/1.1\r\nHost: x\r\n\r\n"), 414u);
+  // Appended, not `std::string(n, c) + "..."`: g++ 12 at -O3 takes the
+  // moved result for a short string and warns (-Warray-bounds, a false positive).
+  std::string method(9000, 'A');
+  EXPECT_EQ(verdict(method.append(" / HTTP/1.1\r\nHost: x\r\n\r\n")), 501u);
+  std::string target = "GET /";
+  EXPECT_EQ(verdict(target.append(9000, 'a').append(" HTTP/1.1\r\nHost: x\r\n\r\n")), 414u);
   std::string fields = "GET / HTTP/1.1\r\nHost: x\r\n";
   for (int i = 0; i < 200; ++i) fields += "X-Filler-" + std::to_string(i) + ": " + std::string(40, 'f') + "\r\n";
   EXPECT_EQ(verdict(fields + "\r\n"), 431u);
   // A method under the limit but unknown: parsed, then refused.
-  EXPECT_EQ(verdict(std::string(100, 'A') + " / HTTP/1.1\r\nHost: x\r\n\r\n"), 501u);
+  std::string unknown(100, 'A');
+  EXPECT_EQ(verdict(unknown.append(" / HTTP/1.1\r\nHost: x\r\n\r\n")), 501u);
 }
 
 TEST(http_rules, no_answer_when_the_peer_is_gone) {

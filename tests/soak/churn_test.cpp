@@ -143,7 +143,7 @@ TEST(soak, connection_churn_past_the_ephemeral_port_range) {
       std::unique_lock lock(mu);
       closed_cv.wait_for(lock, 10s, [&] { return closed >= done; });
     }
-    std::error_code ec;
+    closewise::error_code ec;
     time_wait = count_tcp_state(port, tcp_state::time_wait, ec).remote_side;
     const auto snap = srv.stats().snapshot();
     srv.stop();

@@ -814,7 +814,7 @@ TEST(soak, random_peers_against_echo_and_http_keep_every_promise) {
   const bool http_matched = s.http_ledger.wait_matched(20s);
   EXPECT_TRUE(echo_matched && http_matched) << "client connections without a close report";
 
-  std::error_code ec;
+  closewise::error_code ec;
   for (const auto port : {s.echo_port, s.http_port}) {
     EXPECT_EQ(count_tcp_state(port, tcp_state::close_wait, ec).local_side, 0u) << "server socket left in CLOSE_WAIT";
     EXPECT_EQ(count_tcp_state(port, tcp_state::fin_wait2, ec).local_side, 0u) << "server socket left in FIN_WAIT2";

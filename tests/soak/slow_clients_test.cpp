@@ -351,7 +351,7 @@ TEST(soak, slow_clients_are_cut_at_their_deadlines_while_a_fresh_client_stays_fa
   // Every client took its connection's report before it went on: all closed.
   const auto snap = s.get().stats().snapshot();
   EXPECT_EQ(snap.open, 0u);
-  std::error_code ec;
+  closewise::error_code ec;
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::close_wait, ec).local_side, 0u);
   EXPECT_EQ(count_tcp_state(s.port(), tcp_state::fin_wait2, ec).local_side, 0u);
 

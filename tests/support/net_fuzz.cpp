@@ -300,7 +300,7 @@ request_sequence parse_requests(std::string_view bytes, std::size_t header_limit
 std::optional<std::string> stuck_server_sockets(std::uint16_t port, milliseconds settle) {
   const auto end = steady_clock::now() + settle;
   for (;;) {
-    std::error_code ec;
+    closewise::error_code ec;
     std::size_t close_wait = 0, fin_wait2 = 0;
     for (const auto& s : list_tcp_sockets(port, ec)) {
       if (s.local_port != port) continue;

@@ -45,6 +45,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include "closewise/core.hpp"
+#include "closewise/error.hpp"
 #include "closewise/log.hpp"
 #include "closewise/probe.hpp"
 #include "closewise/report.hpp"
@@ -52,7 +53,6 @@
 namespace closewise {
 
 namespace asio = boost::asio;
-using error_code = boost::system::error_code;
 
 /// Maps an Asio error code onto the outcomes the core distinguishes.
 inline io_error to_io_error(const error_code& ec) noexcept {
