@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
   closewise::app::ignore_sigpipe();
 
   CLI::App app{"Reproduces the eight TCP teardown experiments of closewise's docs/design.md on loopback.",
-                "closewise-lab"};
+               "closewise-lab"};
   bool json = false;
   bool ipv6 = false;
   int only = 0;

@@ -60,7 +60,7 @@ TEST(http_fuzz_replay, every_corpus_and_regression_input_keeps_every_promise) {
 // fails too. Timing-dependent seeds say so and accept their fast outcome.
 struct seed_expectation {
   const char* seed;
-  std::vector<unsigned> statuses;               // final responses, in order
+  std::vector<unsigned> statuses;              // final responses, in order
   std::vector<std::vector<unsigned>> or_else;  // the other outcomes a timing-dependent seed may get
 };
 

@@ -162,8 +162,8 @@ constexpr auto unread_input_recv_timeout = 10s;
 // row 7): a response followed by a close while a pipelined request sits
 // unread. One repetition: the peer reads the response with a bounded read;
 // the server writes it and closes with `policy`.
-unread_input_outcome close_with_unread_input(asio::io_context& ioc, loopback_pair_factory& factory,
-                                             close_policy policy, const std::string& response) {
+unread_input_outcome close_with_unread_input(asio::io_context& ioc, loopback_pair_factory& factory, close_policy policy,
+                                             const std::string& response) {
   const std::string extra = "GET /next HTTP/1.1\r\nHost: x\r\n\r\n";
   unread_input_outcome out;
   auto peer = factory.connect();
@@ -204,8 +204,8 @@ unread_input_outcome close_with_unread_input(asio::io_context& ioc, loopback_pai
   s.async_close(policy, [&](close_report r) { rep = std::move(r); });
   // The peer closes when it has seen our EOF (or the RST): run until the
   // reader finished. Its reads are bounded, so this wait and the future's are.
-  EXPECT_TRUE(run_until(ioc, [&] { return reader.wait_for(0s) == std::future_status::ready; },
-                        unread_input_recv_timeout + 10s));
+  EXPECT_TRUE(run_until(
+      ioc, [&] { return reader.wait_for(0s) == std::future_status::ready; }, unread_input_recv_timeout + 10s));
   out = reader.get();
   peer.close();
   EXPECT_TRUE(run_until(ioc, [&] { return rep.has_value() && wrote.has_value(); }));
@@ -270,8 +270,8 @@ TEST_P(stream_test, fin_close_with_unread_input_loses_bytes_where_graceful_does_
     lossy += o.received < response.size();
     peer_resets += o.error == ECONNRESET;
   }
-  std::printf("fin_close with unread input: %d of %d repetitions lost bytes (%llu in all), %d read ECONNRESET\n",
-              lossy, reps, static_cast<unsigned long long>(lost), peer_resets);
+  std::printf("fin_close with unread input: %d of %d repetitions lost bytes (%llu in all), %d read ECONNRESET\n", lossy,
+              reps, static_cast<unsigned long long>(lost), peer_resets);
   EXPECT_GT(lossy, 0) << "fin_close never lost a byte: the graceful test's situation did not arise";
   EXPECT_GT(peer_resets, 0) << "the peer never saw the kernel's RST";
 }
@@ -745,7 +745,7 @@ TEST_P(stream_test, idle_timeout_fails_a_read_waiting_for_a_new_exchange) {
   EXPECT_EQ(read_exactly(s, 1).first, asio::error::timed_out);
   const auto took = std::chrono::steady_clock::now() - start;
   EXPECT_GE(took, 150ms);  // not before its timeout (same steady clock, deadline taken after `start`)
-  EXPECT_LT(took, 2s);      // and not the read timeout (5 s)
+  EXPECT_LT(took, 2s);     // and not the read timeout (5 s)
   EXPECT_FALSE(s.state().closing());
   peer.close();
   const auto rep = close(s, close_policy::graceful);

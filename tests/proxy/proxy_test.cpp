@@ -505,7 +505,7 @@ struct bench_result {
   json j;
   std::uint64_t completed = 0;
   std::uint64_t errors = 0;
-  std::string error_classes;  // "bad_status 3, reset 1"
+  std::string error_classes;         // "bad_status 3, reset 1"
   std::vector<std::string> missing;  // keys its JSON should have had
 };
 

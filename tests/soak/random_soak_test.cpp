@@ -891,8 +891,8 @@ TEST(soak, random_peers_against_echo_and_http_keep_every_promise) {
   // make it a failure.
   std::string why;
   if (warm_up < full_warm_up) {
-    GTEST_SKIP() << "memory assertion not run (every other one was): a run of " << duration.count()
-                 << " s leaves no " << full_warm_up.count() << " s warm-up";
+    GTEST_SKIP() << "memory assertion not run (every other one was): a run of " << duration.count() << " s leaves no "
+                 << full_warm_up.count() << " s warm-up";
   } else if (!rss_is_meaningful(why)) {
     GTEST_SKIP() << "memory assertion not run (every other one was): " << why;
   } else {

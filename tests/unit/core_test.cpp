@@ -249,7 +249,8 @@ std::vector<row> transition_table() {
   t.push_back(
       ok(st, "eof", a::notify_peer_fin | closed_now, rs::peer_fin, ws::fin_sent, ph::closed, cc::ours_then_peer_fin));
   t.push_back(ok(st, "read_error(reset)", closed_now, rs::reset, ws::broken, ph::reset, cc::peer_reset_idle));
-  t.push_back(no(st, "write_started"));  // EPIPE territory (docs/design.md, "the eight kernel experiments", row 5: a write after our FIN)
+  t.push_back(no(st, "write_started"));  // EPIPE territory (docs/design.md, "the eight kernel experiments", row 5: a
+                                         // write after our FIN)
   t.push_back(no(st, "write_done"));
   t.push_back(no(st, "write_error(broken_pipe)"));
   t.push_back(ok(st, "shutdown_write", none, rs::open, ws::fin_sent, ph::local_half_closed));
