@@ -366,24 +366,23 @@ TEST_P(stream_test, the_final_state_is_probed_only_when_asked) {
   }
 }
 
-// Preloaded input (bytes read from the socket before the stream had it) is
+// Input read ahead (bytes read from the socket before the stream had it) is
 // read first, in pieces as small as the reads ask, then the socket's bytes and
 // the FIN; the report counts all of it as input.
-TEST_P(stream_test, preloaded_input_is_read_before_the_socket) {
+TEST_P(stream_test, input_read_ahead_is_read_before_the_socket) {
   auto peer = factory_->connect();
-  auto s = factory_->accept();
-  s.preload("GET / HTTP/1.1\r\n");
-  EXPECT_EQ(s.preloaded(), 16u);
+  auto s = factory_->accept({}, read_ahead{"GET / HTTP/1.1\r\n"});
+  EXPECT_EQ(s.read_ahead_left(), 16u);
   ASSERT_EQ(peer.send(std::string("Host: x\r\n\r\n")), 11);
   peer.shutdown_write();
   auto [ec1, first] = read_exactly(s, 4);
   EXPECT_FALSE(ec1);
   EXPECT_EQ(first, "GET ");
-  EXPECT_EQ(s.preloaded(), 12u);
+  EXPECT_EQ(s.read_ahead_left(), 12u);
   auto [ec2, rest] = read_exactly(s, 64);
   EXPECT_EQ(ec2, asio::error::eof);
   EXPECT_EQ(rest, "/ HTTP/1.1\r\nHost: x\r\n\r\n");
-  EXPECT_EQ(s.preloaded(), 0u);
+  EXPECT_EQ(s.read_ahead_left(), 0u);
   EXPECT_EQ(s.state().read(), read_state::peer_fin);
   const auto rep = close(s, close_policy::graceful);
   EXPECT_EQ(rep.bytes_in, 27u) << rep.describe();
@@ -391,19 +390,33 @@ TEST_P(stream_test, preloaded_input_is_read_before_the_socket) {
   EXPECT_EQ(rep.cause, close_cause::peer_fin_then_ours);
 }
 
-// Preloaded input nobody read is unread input to a close: graceful discards
-// and counts it, and rst_if_safe refuses to reset over it.
-TEST_P(stream_test, preloaded_input_left_unread_is_discarded_and_refuses_a_reset) {
+// The error an owner's read ahead took from the socket (a pending
+// ECONNRESET, after which the socket itself reads as EOF) reaches the stream:
+// the read after the bytes read ahead, and a write, complete with it.
+TEST_P(stream_test, an_error_read_ahead_comes_after_the_bytes_and_fails_a_write) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept({}, read_ahead{"GET", ECONNRESET});
+  auto [ec1, got] = read_exactly(s, 3);
+  EXPECT_FALSE(ec1);
+  EXPECT_EQ(got, "GET");
+  EXPECT_EQ(read_exactly(s, 1).first, asio::error::connection_reset);
+  auto peer2 = factory_->connect();
+  auto w = factory_->accept({}, read_ahead{"", ECONNRESET});
+  EXPECT_EQ(write_all(w, "response"), asio::error::connection_reset);
+}
+
+// Input read ahead that nobody read is unread input to a close: graceful
+// discards and counts it, and rst_if_safe refuses to reset over it.
+TEST_P(stream_test, input_read_ahead_left_unread_is_discarded_and_refuses_a_reset) {
   for (const auto policy : {close_policy::graceful, close_policy::rst_if_safe}) {
     SCOPED_TRACE(to_string(policy));
     auto peer = factory_->connect();
-    auto s = factory_->accept();
-    s.preload("pipelined");
+    auto s = factory_->accept({}, read_ahead{"pipelined"});
     s.mark_exchange_complete();
     std::optional<close_report> rep;
     s.async_close(policy, [&](close_report r) { rep = std::move(r); });
     ASSERT_TRUE(run_until(ioc_, [&] { return s.state().write() == write_state::fin_sent; }));
-    EXPECT_EQ(s.preloaded(), 0u);
+    EXPECT_EQ(s.read_ahead_left(), 0u);
     EXPECT_TRUE(peer.drain().eof);
     peer.close();
     ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));

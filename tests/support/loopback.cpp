@@ -158,10 +158,10 @@ raw_peer loopback_pair_factory::connect(int rcvbuf, int sndbuf) {
   return p;
 }
 
-tcp_stream loopback_pair_factory::accept(stream_options opts) {
+tcp_stream loopback_pair_factory::accept(stream_options opts, read_ahead ahead) {
   tcp::socket s(ioc_);
   acceptor_.accept(s);
-  return tcp_stream(std::move(s), opts);
+  return tcp_stream(std::move(s), opts, std::move(ahead));
 }
 
 std::string pattern(std::size_t n) {

@@ -89,7 +89,7 @@ class loopback_pair_factory {
   /// Connects a raw peer (optionally with small buffers set before connect).
   raw_peer connect(int rcvbuf = 0, int sndbuf = 0);
   /// Accepts the next connection as a closewise stream (blocking accept).
-  tcp_stream accept(stream_options opts = {});
+  tcp_stream accept(stream_options opts = {}, read_ahead ahead = {});
   tcp::acceptor& acceptor() { return acceptor_; }
 
  private:

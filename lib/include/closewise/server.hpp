@@ -102,7 +102,7 @@ struct server_options {
   /// session to start (for HTTP: a whole request header). A waiting
   /// connection's bytes are read as they come (at most `input_limit` in
   /// all) into a string as long as they are, and handed to the session's
-  /// stream (`basic_stream::preload`): a connection whose input is
+  /// stream (`read_ahead`): a connection whose input is
   /// incomplete costs those bytes and no session, stream or buffer, and a
   /// complete one's session starts without a read. A FIN, a RST, an error
   /// or `input_limit` bytes start the session whatever this says. Empty:

@@ -108,6 +108,22 @@ struct stream_options {
   bool probe_final_state = true;
 };
 
+/// What a stream's owner read from a socket before handing it to a stream
+/// (a server reads a request's first bytes while the connection waits to
+/// become a session, with no stream or buffer of its own). Given to the
+/// stream's constructor, it is the start of the stream's input: the next
+/// reads deliver `bytes` first, counted as input like any other, and a
+/// close discards what no read took (counted in `bytes_discarded` by a
+/// drain, and as unread input by rst_if_safe). `error`, an errno the
+/// owner's read took from the socket (a pending ECONNRESET, after which the
+/// socket reads as EOF and writes fail with EPIPE), is what the next write,
+/// or the next read once `bytes` are taken, completes with, as the socket
+/// would have answered.
+struct read_ahead {
+  std::string bytes;
+  int error = 0;
+};
+
 }  // namespace closewise
 
 #include "closewise/impl/stream_impl.hpp"
@@ -127,6 +143,14 @@ class basic_stream {
   /// Wraps a connected socket.
   explicit basic_stream(NextLayer&& socket, stream_options opts = {})
       : impl_(std::make_shared<impl_type>(opts, std::move(socket))) {}
+
+  /// Takes over a socket its owner already read from (`read_ahead`): the
+  /// reads deliver those bytes first, then the error the owner's read met.
+  basic_stream(NextLayer&& socket, stream_options opts, read_ahead ahead)
+      : impl_(std::make_shared<impl_type>(opts, std::move(socket))) {
+    impl_->preloaded = std::move(ahead.bytes);
+    if (ahead.error != 0) impl_->pending_socket_error = error_code(ahead.error, asio::error::get_system_category());
+  }
 
   /// Constructs the socket from `arg` (an executor or an io_context).
   template <class Arg>
@@ -189,7 +213,7 @@ class basic_stream {
   /// True when the connection has waited for a new exchange since `cutoff`
   /// or longer: an application read is pending since then, nothing is
   /// unanswered or held open, no close began, and no input waits unread
-  /// (preloaded, or in the kernel: a request that came as the caller looked,
+  /// (read ahead, or in the kernel: a request that came as the caller looked,
   /// which a graceful close would read and discard). One SIOCINQ probe.
   bool idle_since(std::chrono::steady_clock::time_point cutoff) const noexcept {
     const auto& i = *impl_;
@@ -203,25 +227,8 @@ class basic_stream {
   /// report carries it as it would one of the stream's own timeouts.
   void note_timeout(timeout_kind k) noexcept { impl_->timed_out = k; }
 
-  /// Hands the stream an error its socket reported to someone else first: a
-  /// read before the stream had the socket takes the pending ECONNRESET,
-  /// after which the socket reads as EOF and writes fail with EPIPE. The
-  /// next write, or the next read once preloaded input is taken, completes
-  /// with it, as the socket would have answered.
-  void note_socket_error(const error_code& ec) noexcept { impl_->pending_socket_error = ec; }
-
-  /// Hands the stream input its owner already read from the socket (a
-  /// server reads a request's first bytes while the connection waits to
-  /// become a session). The next reads deliver these bytes first, counted
-  /// as input like any other; a close discards what no read took (counted
-  /// in `bytes_discarded` by a drain, and as unread input by rst_if_safe).
-  /// Call before the first read.
-  void preload(std::string bytes) {
-    impl_->preloaded = std::move(bytes);
-    impl_->preloaded_taken = 0;
-  }
-  /// Preloaded bytes no read has taken yet.
-  std::size_t preloaded() const noexcept { return impl_->preloaded_left(); }
+  /// Input its owner read ahead (`read_ahead`) that no read has taken yet.
+  std::size_t read_ahead_left() const noexcept { return impl_->preloaded_left(); }
 
   /// The close report, once the connection finished (by async_close, by the
   /// peer's reset, or by both FINs crossing).

@@ -24,9 +24,7 @@ void unpark(const std::shared_ptr<server_state>& srv, worker& w, parked_list::it
   const peer_address peer = it->peer;
   const session_start start = it->start;
   const clock::time_point since = it->has_input ? it->input_since : clock::now();
-  stream io = make_stream(*srv, std::move(it->sock), peer);
-  if (!it->input.empty()) io.preload(std::move(it->input));
-  if (it->error != 0) io.note_socket_error(error_code(it->error, asio::error::get_system_category()));
+  stream io = make_stream(*srv, std::move(it->sock), peer, std::move(it->ahead));
   (it->has_input ? w.partial : w.parked).erase(it);
   srv->counters.unparked();
   asio::co_spawn(w.ioc, run_session(srv, &w, std::move(io), peer, start, since), asio::detached);
@@ -38,19 +36,20 @@ void unpark(const std::shared_ptr<server_state>& srv, worker& w, parked_list::it
 // it the session's to meet. The bytes are read, not peeked: the kernel frees
 // the buffers that held them (several times their size), the socket stops
 // being readable until more come, and the session's first read costs no
-// syscall (they reach it through basic_stream::preload).
+// syscall (they reach it through the stream's read_ahead).
 bool needs_more_input(const server_state& srv, worker& w, parked_connection& p, const input_read* done = nullptr) {
   const auto& o = srv.opts;
-  if (o.input_limit == 0 || p.input.size() >= o.input_limit) return false;
-  const input_read r = done ? *done : read_input(srv, w, static_cast<int>(p.sock.native_handle()), p.input.size());
+  if (o.input_limit == 0 || p.ahead.bytes.size() >= o.input_limit) return false;
+  const input_read r =
+      done ? *done : read_input(srv, w, static_cast<int>(p.sock.native_handle()), p.ahead.bytes.size());
   if (r.n < 0 && (r.error == EAGAIN || r.error == EWOULDBLOCK || r.error == EINTR)) return true;  // nothing yet
   // A reset with nothing queued: this read took the socket's pending error,
   // and a read after it would see EOF. The session's stream gets it.
-  if (r.n < 0) p.error = r.error;
+  if (r.n < 0) p.ahead.error = r.error;
   if (r.n <= 0) return false;  // a FIN (or an error) after the input: the session meets it
-  p.input.append(w.read_buffer.get(), static_cast<std::size_t>(r.n));
-  if (!o.input_ready || p.input.size() >= o.input_limit) return false;
-  return !o.input_ready(p.input);
+  p.ahead.bytes.append(w.read_buffer.get(), static_cast<std::size_t>(r.n));
+  if (!o.input_ready || p.ahead.bytes.size() >= o.input_limit) return false;
+  return !o.input_ready(p.ahead.bytes);
 }
 
 // The wait of a parked connection ended. Input, FIN and RST all make a
@@ -62,7 +61,7 @@ bool on_readable(const std::shared_ptr<server_state>& srv, worker& w, parked_lis
     unpark(srv, w, it);
     return false;
   }
-  if (!it->has_input && !it->input.empty()) {
+  if (!it->has_input && !it->ahead.bytes.empty()) {
     // Its first byte: from now on the ready timeout bounds the wait.
     const auto now = clock::now();
     it->has_input = true;

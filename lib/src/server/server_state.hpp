@@ -68,8 +68,7 @@ struct parked_connection {
   clock::time_point input_since;               // its first byte arrived; unset while silent
   session_start start = session_start::serve;  // set before its wait is cancelled
   bool has_input = false;                      // in worker::partial, not worker::parked
-  int error = 0;                               // what a read met (ECONNRESET), for the session
-  std::string input;                           // read so far, for the session's stream (basic_stream::preload)
+  read_ahead ahead;                            // read so far, and what a read met (ECONNRESET): the stream's start
 };
 using parked_list = std::list<parked_connection>;
 
@@ -162,7 +161,7 @@ struct server_state : std::enable_shared_from_this<server_state> {
 };
 
 // session.cpp
-stream make_stream(const server_state& srv, socket s, const peer_address& peer);
+stream make_stream(const server_state& srv, socket s, const peer_address& peer, read_ahead ahead = {});
 asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, stream io, peer_address peer,
                                   session_start start, clock::time_point input_since);
 

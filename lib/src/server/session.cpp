@@ -113,11 +113,11 @@ asio::awaitable<close_report> connection::close(close_policy p) {
 
 namespace internal {
 
-stream make_stream(const server_state& srv, socket s, const peer_address& peer) {
+stream make_stream(const server_state& srv, socket s, const peer_address& peer, read_ahead ahead) {
   stream_options so = srv.opts.stream;
   so.no_delay = peer.is_tcp;  // TCP_NODELAY, set before the second write (see stream_options)
   so.probe_final_state = so.probe_final_state && peer.is_tcp;
-  return stream(std::move(s), so);
+  return stream(std::move(s), so, std::move(ahead));
 }
 
 asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, stream io, peer_address peer,

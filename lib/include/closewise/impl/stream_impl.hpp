@@ -53,8 +53,8 @@ struct stream_impl {
   connection_state core;
   std::uint64_t id = next_connection_id();
   std::uint8_t writes_issued = 0;   // counted up to 2, for opts.no_delay
-  error_code pending_socket_error;  // note_socket_error: what the next read or write completes with
-  std::string preloaded;            // preload: input read from the socket before the stream had it
+  error_code pending_socket_error;  // read_ahead::error: what the next read or write completes with
+  std::string preloaded;            // read_ahead::bytes: input read from the socket before the stream had it
   std::size_t preloaded_taken = 0;  // how much of it reads have delivered
   // The timers only a teardown or a shutdown waits on, made when one first
   // does: a connection in the middle of its life does not carry them
