@@ -19,8 +19,9 @@
 CLOSEWISE_BUILD_PACKAGES=(
   cmake ninja-build g++
   libboost1.81-dev libspdlog-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
+  libssl-dev
 )
-CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light)
+CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light openssl python3)
 # scripts/fuzz: libFuzzer and the sanitizer runtimes come with clang's runtime package.
 CLOSEWISE_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev)
 

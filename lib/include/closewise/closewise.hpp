@@ -19,4 +19,5 @@
 #include "closewise/sock_diag.hpp"
 #include "closewise/stats.hpp"
 #include "closewise/stream.hpp"
+#include "closewise/tls.hpp"
 #include "closewise/version.hpp"

@@ -179,6 +179,10 @@ class basic_stream {
   /// machine; closing it behind the stream's back loses the report's details.
   NextLayer& next_layer() noexcept { return impl_->next; }
   const NextLayer& next_layer() const noexcept { return impl_->next; }
+  /// The socket under every layer (for Asio layers above this one, such as ssl::stream).
+  using lowest_layer_type = typename NextLayer::lowest_layer_type;
+  lowest_layer_type& lowest_layer() noexcept { return impl_->next.lowest_layer(); }
+  const lowest_layer_type& lowest_layer() const noexcept { return impl_->next.lowest_layer(); }
 
   /// The half-close state machine of this connection.
   const connection_state& state() const noexcept { return impl_->core; }

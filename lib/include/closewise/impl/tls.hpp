@@ -1,0 +1,256 @@
+#pragma once
+// The operations of closewise::basic_tls_stream: handshake, read, write and
+// close, each an Asio composed operation over the stream's shared state.
+// Implementation: included at the end of closewise/tls.hpp.
+
+#include <boost/asio/append.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/post.hpp>
+
+namespace closewise {
+
+template <class NextLayer>
+struct basic_tls_stream<NextLayer>::handshake_op {
+  std::shared_ptr<impl_type> impl;
+  asio::ssl::stream_base::handshake_type type;
+  bool started = false;
+  std::chrono::steady_clock::time_point t0{};
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}) {
+    auto& i = *impl;
+    if (!started) {
+      started = true;
+      t0 = std::chrono::steady_clock::now();
+      if (i.opts.handshake_timeout.count() > 0) i.arm_cut(impl, t0 + i.opts.handshake_timeout);
+      i.ssl.async_handshake(type, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+      return;
+    }
+    i.timer.cancel();
+    i.facts.handshake_time = std::chrono::steady_clock::now() - t0;
+    if (!ec) {
+      i.facts.handshake = tls_handshake::ok;
+      SSL* s = i.ssl.native_handle();
+      i.facts.version = ::SSL_get_version(s);
+      const unsigned char* alpn = nullptr;
+      unsigned int alpn_len = 0;
+      ::SSL_get0_alpn_selected(s, &alpn, &alpn_len);
+      if (alpn) i.facts.alpn.assign(reinterpret_cast<const char*>(alpn), alpn_len);
+    } else {
+      if (i.timer_fired) ec = asio::error::timed_out;
+      i.facts.handshake = i.timer_fired ? tls_handshake::timeout : classify_handshake_error(ec);
+      i.facts.handshake_error = ec.message();
+    }
+    self.complete(ec);
+  }
+};
+
+template <class NextLayer>
+template <class Buffers>
+struct basic_tls_stream<NextLayer>::read_op {
+  std::shared_ptr<impl_type> impl;
+  Buffers buffers;
+  bool started = false;
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
+    auto& i = *impl;
+    if (!started) {
+      started = true;
+      if (i.close_started) {
+        asio::post(asio::append(std::move(self), error_code(asio::error::operation_aborted), std::size_t{0}));
+        return;
+      }
+      i.app_read_in_flight = true;
+      if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
+        slot.assign([sig = &i.read_cancel](asio::cancellation_type t) { sig->emit(t); });
+      }
+      i.ssl.async_read_some(buffers, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
+      return;
+    }
+    if (i.app_read_in_flight) {
+      i.app_read_in_flight = false;
+      i.facts.app_bytes_in += n;
+      if (n > 0) i.in_message = true;
+      if (ec == asio::error::eof) {
+        i.facts.close_notify_received = true;
+        i.record->peer_ended(tls_ending::close_notify);
+      } else if (ec == asio::ssl::error::stream_truncated) {
+        i.record->peer_ended(i.record->bare_fin());
+      } else if (ec == asio::error::connection_reset) {
+        i.record->peer_ended(tls_ending::reset);
+      }
+      i.op_done();
+    }
+    self.complete(ec, n);
+  }
+};
+
+template <class NextLayer>
+template <class Buffers>
+struct basic_tls_stream<NextLayer>::write_op {
+  std::shared_ptr<impl_type> impl;
+  Buffers buffers;
+  bool started = false;
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
+    auto& i = *impl;
+    if (!started) {
+      started = true;
+      if (i.close_started && i.facts.close_notify_sent) {
+        asio::post(asio::append(std::move(self), error_code(asio::error::broken_pipe), std::size_t{0}));
+        return;
+      }
+      ++i.writes_in_flight;
+      i.ssl.async_write_some(buffers, std::move(self));
+      return;
+    }
+    --i.writes_in_flight;
+    i.facts.app_bytes_out += n;
+    i.op_done();
+    self.complete(ec, n);
+  }
+};
+
+template <class NextLayer>
+struct basic_tls_stream<NextLayer>::close_op {
+  std::shared_ptr<impl_type> impl;
+  close_policy policy;
+  enum {
+    starting,
+    waiting,        // for the application's read and writes in flight to complete
+    close_notify,   // our close_notify is being written
+    fin,            // our FIN is going out
+    draining,       // reading through TLS for the peer's close_notify or FIN
+    tcp_close,      // the TCP close finishes
+  } stage = starting;
+  bool received_before = false;  // the peer's close_notify had arrived before ours went
+  std::chrono::steady_clock::time_point drain_started{};
+  std::uint64_t discarded = 0;
+  std::unique_ptr<char[]> buf{};
+  std::optional<stream_options> saved{};
+  reset_refusal refusal = reset_refusal::none;
+
+  static constexpr std::size_t drain_chunk = 4096;
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
+    auto& i = *impl;
+    auto& tcp = i.ssl.next_layer();
+    switch (stage) {
+      case starting:
+        i.close_started = true;
+        if (tcp.report() || policy == close_policy::abortive || i.facts.handshake != tls_handshake::ok)
+          return finish_tcp(self, policy);  // no TLS session to end, or RST: nothing to say in TLS
+        if (i.app_read_in_flight) i.read_cancel.emit(asio::cancellation_type::terminal);
+        [[fallthrough]];
+      case waiting:
+        if (i.app_read_in_flight || i.writes_in_flight > 0) {
+          stage = waiting;
+          i.idle.async_wait(std::move(self));  // woken by op_done; the TCP layer bounds the write
+          return;
+        }
+        if (tcp.report()) return finish_tcp(self, policy);
+        if (tcp.state().write() != write_state::open) return finish_tcp(self, policy);  // our FIN is out already
+        {
+          // close_notify, once, without waiting for the peer's: with the
+          // peer's marked as received, SSL_shutdown sends ours and reports
+          // the shutdown complete, so ssl::stream writes it and stops. The
+          // mark is taken back once it went, so reads still see the peer's.
+          SSL* s = i.ssl.native_handle();
+          received_before = (::SSL_get_shutdown(s) & SSL_RECEIVED_SHUTDOWN) != 0;
+          ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) | SSL_RECEIVED_SHUTDOWN);
+        }
+        stage = close_notify;
+        i.ssl.async_shutdown(std::move(self));
+        return;
+      case close_notify: {
+        SSL* s = i.ssl.native_handle();
+        if (!received_before) ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) & ~SSL_RECEIVED_SHUTDOWN);
+        if (ec) return finish_tcp(self, policy);  // the write failed: the TCP report says why
+        i.facts.close_notify_sent = true;
+        if (policy == close_policy::fin_close) return finish_tcp(self, policy);
+        if (policy == close_policy::rst_if_safe) {
+          if (i.unread_in_tls() == 0) return finish_tcp(self, policy);
+          refusal = reset_refusal::unread_input;  // a RST would discard what OpenSSL holds
+        }
+        if (i.facts.close_notify_received || tcp.state().read() != read_state::open)
+          return finish_tcp(self, close_policy::graceful);  // the peer ended its side already
+        stage = fin;
+        tcp.async_shutdown_write(std::move(self));
+        return;
+      }
+      case fin:
+        if (ec) return finish_tcp(self, close_policy::graceful);
+        stage = draining;
+        drain_started = std::chrono::steady_clock::now();
+        buf = std::make_unique_for_overwrite<char[]>(drain_chunk);
+        return read_more(self);
+      case draining:
+        i.timer.cancel();
+        discarded += n;
+        i.facts.app_bytes_discarded += n;
+        if (!ec) {
+          if (discarded > tcp.options().max_discard_bytes) return finish_tcp(self, close_policy::graceful, false, true);
+          return read_more(self);
+        }
+        if (ec == asio::error::eof) {
+          i.facts.close_notify_received = true;
+          i.record->peer_ended(tls_ending::close_notify);
+        } else if (ec == asio::ssl::error::stream_truncated) {
+          i.record->peer_ended(i.record->bare_fin());
+        } else if (ec == asio::error::connection_reset) {
+          i.record->peer_ended(tls_ending::reset);
+        }
+        return finish_tcp(self, close_policy::graceful, i.timer_fired && ec == asio::error::operation_aborted);
+      case tcp_close:
+        return;  // completed by the close_report overload
+    }
+  }
+
+  // The TCP close has its report.
+  template <class Self>
+  void operator()(Self& self, close_report r) {
+    auto& tcp = impl->ssl.next_layer();
+    if (saved) tcp.set_options(*saved);
+    if (refusal != reset_refusal::none && r.refusal == reset_refusal::none) r.refusal = refusal;
+    impl->finalize(r);
+    self.complete(std::move(r));
+  }
+
+ private:
+  template <class Self>
+  void read_more(Self& self) {
+    auto& i = *impl;
+    const auto& o = i.ssl.next_layer().options();
+    auto at = std::chrono::steady_clock::now() + o.linger_timeout;
+    at = std::min(at, drain_started + o.linger_max);
+    i.arm_cut(impl, at);
+    i.ssl.async_read_some(asio::buffer(buf.get(), drain_chunk),
+                          asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+  }
+
+  // Hands the connection to the TCP layer's close. After a TLS drain, the
+  // TCP drain gets what is left of its bounds: none if the TLS drain ran
+  // out of time (`timed_out`) or of budget (`over_budget`), so the close
+  // ends with a RST reported as linger_timeout or linger_limit.
+  template <class Self>
+  void finish_tcp(Self& self, close_policy p, bool timed_out = false, bool over_budget = false) {
+    auto& tcp = impl->ssl.next_layer();
+    if (stage == draining) {
+      saved = tcp.options();
+      stream_options o = *saved;
+      using std::chrono::milliseconds;
+      const auto spent = std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - drain_started);
+      o.linger_max = std::max(milliseconds(1), o.linger_max - spent);
+      if (timed_out) o.linger_timeout = o.linger_max = milliseconds(1);
+      if (over_budget) o.max_discard_bytes = 0;
+      tcp.set_options(o);
+    }
+    stage = tcp_close;
+    tcp.async_close(p, std::move(self));
+  }
+};
+
+}  // namespace closewise
