@@ -65,7 +65,9 @@ struct basic_tls_stream<NextLayer>::read_op {
       if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
         slot.assign([sig = &i.read_cancel](asio::cancellation_type t) { sig->emit(t); });
       }
-      i.ssl.async_read_some(buffers, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
+      // A copy taken before `self` (and the `buffers` in it) is moved into the binder.
+      const Buffers b = buffers;
+      i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
       return;
     }
     if (i.app_read_in_flight) {
@@ -76,7 +78,7 @@ struct basic_tls_stream<NextLayer>::read_op {
         i.facts.close_notify_received = true;
         i.record->peer_ended(tls_ending::close_notify);
       } else if (ec == asio::ssl::error::stream_truncated) {
-        i.record->peer_ended(i.record->bare_fin());
+        i.record->peer_ended(i.bare_fin());
       } else if (ec == asio::error::connection_reset) {
         i.record->peer_ended(tls_ending::reset);
       }
@@ -229,7 +231,7 @@ struct basic_tls_stream<NextLayer>::close_op {
           i.facts.close_notify_received = true;
           i.record->peer_ended(tls_ending::close_notify);
         } else if (ec == asio::ssl::error::stream_truncated) {
-          i.record->peer_ended(i.record->bare_fin());
+          i.record->peer_ended(i.bare_fin());
         } else if (ec == asio::error::connection_reset) {
           i.record->peer_ended(tls_ending::reset);
         }
@@ -294,8 +296,9 @@ struct basic_tls_stream<NextLayer>::close_op {
     auto at = std::chrono::steady_clock::now() + o.linger_timeout;
     at = std::min(at, drain_started + o.linger_max);
     i.arm_cut(impl, at);
-    i.ssl.async_read_some(asio::buffer(buf.get(), drain_chunk),
-                          asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+    // Taken before `self` is moved into the binder: moved, its `buf` is null.
+    const auto b = asio::buffer(buf.get(), drain_chunk);
+    i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
   }
 
   // Hands the connection to the TCP layer's close. After a TLS drain, the

@@ -117,6 +117,12 @@ struct tls_stream_impl {
     if (!received_before_shutdown) ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) & ~SSL_RECEIVED_SHUTDOWN);
   }
   bool received_before_shutdown = false;
+  // The peer's FIN without close_notify, as a read met it: `truncated` as
+  // well when the FIN cut a record (OpenSSL holds the first bytes of one),
+  // whatever the application marked: the peer had sent more than arrived.
+  tls_ending bare_fin() noexcept {
+    return ::SSL_has_pending(ssl.native_handle()) == 1 ? tls_ending::truncated : record->bare_fin();
+  }
 
   // Input OpenSSL holds that no read has taken: decrypted (SSL_pending) or
   // records not yet processed (its read BIO).
