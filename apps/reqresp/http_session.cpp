@@ -463,8 +463,9 @@ void configure_server(server_options& so, const http_options& ho) {
   // With TLS: plain HTTP sent to the TLS port gets an answer it can read, as
   // nginx gives it, then a graceful close.
   static constexpr std::string_view plain_body = "The plain HTTP request was sent to the HTTPS port\n";
-  so.plaintext_reply = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: " +
-                       std::to_string(plain_body.size()) + "\r\nConnection: close\r\n\r\n" + std::string(plain_body);
+  so.plaintext_reply =
+      "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: " + std::to_string(plain_body.size()) +
+      "\r\nConnection: close\r\n\r\n" + std::string(plain_body);
   if (ho.request_timeout.count() > 0) {
     so.input_ready = header_complete;
     so.ready_timeout = ho.request_timeout;

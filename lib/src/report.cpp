@@ -71,14 +71,14 @@ std::string close_report::describe() const {
   if (timeout != timeout_kind::none) out += fmt::format(" timeout={}", to_string(timeout));
   if (!error.empty()) out += fmt::format(" error=\"{}\"", error);
   if (tls) {
-    out += fmt::format(" tls={} handshake={} handshake_ms={:.3f}", tls->version.empty() ? "none" : tls->version,
-                       to_string(tls->handshake),
-                       std::chrono::duration<double, std::milli>(tls->handshake_time).count());
+    out +=
+        fmt::format(" tls={} handshake={} handshake_ms={:.3f}", tls->version.empty() ? "none" : tls->version,
+                    to_string(tls->handshake), std::chrono::duration<double, std::milli>(tls->handshake_time).count());
     if (!tls->alpn.empty()) out += fmt::format(" alpn={}", tls->alpn);
     if (!tls->handshake_error.empty()) out += fmt::format(" handshake_error=\"{}\"", tls->handshake_error);
     out += fmt::format(" close_notify_sent={} close_notify_received={} peer_end={} app_in={} app_out={}",
-                       tls->close_notify_sent, tls->close_notify_received, to_string(tls->peer_end),
-                       tls->app_bytes_in, tls->app_bytes_out);
+                       tls->close_notify_sent, tls->close_notify_received, to_string(tls->peer_end), tls->app_bytes_in,
+                       tls->app_bytes_out);
     if (tls->app_bytes_discarded > 0) out += fmt::format(" app_discarded={}", tls->app_bytes_discarded);
   }
   return out;

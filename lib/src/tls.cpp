@@ -46,8 +46,7 @@ constexpr unsigned char http11_wire[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '
 int select_http11(SSL*, const unsigned char** out, unsigned char* outlen, const unsigned char* in, unsigned int inlen,
                   void*) {
   unsigned char* selected = nullptr;
-  if (::SSL_select_next_proto(&selected, outlen, http11_wire, sizeof(http11_wire), in, inlen) !=
-      OPENSSL_NPN_NEGOTIATED)
+  if (::SSL_select_next_proto(&selected, outlen, http11_wire, sizeof(http11_wire), in, inlen) != OPENSSL_NPN_NEGOTIATED)
     return SSL_TLSEXT_ERR_NOACK;
   *out = selected;
   return SSL_TLSEXT_ERR_OK;

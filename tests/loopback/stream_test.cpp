@@ -390,6 +390,32 @@ TEST_P(stream_test, input_read_ahead_is_read_before_the_socket) {
   EXPECT_EQ(rep.cause, close_cause::peer_fin_then_ours);
 }
 
+// Buffer sequences that own their storage (a std::vector of buffers) reach
+// the socket intact: an operation copies them before it moves itself into
+// the handler that waits for the socket.
+TEST_P(stream_test, a_vector_of_buffers_is_read_and_written_whole) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  ASSERT_EQ(peer.send(std::string("abcdef")), 6);
+  std::string first(3, '\0'), second(3, '\0');
+  const std::vector<asio::mutable_buffer> into{asio::buffer(first), asio::buffer(second)};
+  std::optional<std::pair<error_code, std::size_t>> r;
+  asio::async_read(s, into, [&](error_code ec, std::size_t n) { r.emplace(ec, n); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return r.has_value(); }));
+  EXPECT_FALSE(r->first);
+  EXPECT_EQ(first + second, "abcdef");
+  const std::string a = "ghi", b = "jkl";
+  const std::vector<asio::const_buffer> from{asio::buffer(a), asio::buffer(b)};
+  std::optional<std::pair<error_code, std::size_t>> w;
+  s.async_write_some(from, [&](error_code ec, std::size_t n) { w.emplace(ec, n); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return w.has_value(); }));
+  EXPECT_FALSE(w->first);
+  EXPECT_EQ(w->second, 6u);
+  char got[6];
+  EXPECT_EQ(peer.recv_some(got, sizeof(got)), 6);
+  EXPECT_EQ(std::string(got, 6), "ghijkl");
+}
+
 // The error an owner's read ahead took from the socket (a pending
 // ECONNRESET, after which the socket itself reads as EOF) reaches the stream:
 // the read after the bytes read ahead, and a write, complete with it.

@@ -29,7 +29,9 @@ struct tls_pair {
   std::optional<tls_stream> client;
 
   tls_pair(asio::io_context& io, const certificate_pem& pem, tls_versions v)
-      : ioc(io), server_ctx(make_server_context(pem, {v, true})), client_ctx(make_client_context(pem.certificate, {v, true})) {
+      : ioc(io),
+        server_ctx(make_server_context(pem, {v, true})),
+        client_ctx(make_client_context(pem.certificate, {v, true})) {
     tcp::acceptor acceptor(ioc, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
     tcp::socket c(ioc);
     c.connect(acceptor.local_endpoint());
@@ -115,7 +117,8 @@ TEST_P(tls_stream_test, graceful_against_a_silent_peer_ends_within_its_bound) {
   const auto t0 = std::chrono::steady_clock::now();
   std::optional<close_report> sr;
   p.server->async_close(close_policy::graceful, [&](close_report r) { sr = std::move(r); });
-  ASSERT_TRUE(run_until(ioc_, [&] { return sr.has_value(); }, 10s));
+  ASSERT_TRUE(run_until(
+      ioc_, [&] { return sr.has_value(); }, 10s));
   const auto took = std::chrono::steady_clock::now() - t0;
   EXPECT_LT(took, 5s);
   EXPECT_GE(took, 250ms);

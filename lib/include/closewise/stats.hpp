@@ -34,7 +34,8 @@ static_assert(static_cast<std::size_t>(close_cause::server_drain) + 1 == close_c
 inline constexpr std::size_t timeout_kind_count = 4;
 static_assert(static_cast<std::size_t>(timeout_kind::write) + 1 == timeout_kind_count, "timeout_kind_count is stale");
 inline constexpr std::size_t tls_handshake_count = 8;
-static_assert(static_cast<std::size_t>(tls_handshake::error) + 1 == tls_handshake_count, "tls_handshake_count is stale");
+static_assert(static_cast<std::size_t>(tls_handshake::error) + 1 == tls_handshake_count,
+              "tls_handshake_count is stale");
 inline constexpr std::size_t tls_ending_count = 5;
 static_assert(static_cast<std::size_t>(tls_ending::reset) + 1 == tls_ending_count, "tls_ending_count is stale");
 

@@ -122,10 +122,21 @@ struct connection_impl {
   // The TCP stream, under TLS or not.
   stream& tcp() noexcept { return tls ? tls->tcp() : io; }
   std::optional<close_report> report() const { return tls ? tls->report() : io.report(); }
-  // Closes with `p` through TLS (close_notify first) or not.
+  // Closes with `p` through TLS (close_notify first) or not. These pick the
+  // layer with if/else in plain functions: g++ 12 evaluates both arms of a
+  // conditional expression awaited in a coroutine.
   template <class Token>
   auto async_close(close_policy p, Token&& token) {
-    return tls ? tls->async_close(p, std::forward<Token>(token)) : io.async_close(p, std::forward<Token>(token));
+    if (tls) return tls->async_close(p, std::forward<Token>(token));
+    return io.async_close(p, std::forward<Token>(token));
+  }
+  asio::awaitable<std::tuple<error_code, std::size_t>> read_some(asio::mutable_buffer b) {
+    if (tls) return tls->async_read_some(b, use_tuple);
+    return io.async_read_some(b, use_tuple);
+  }
+  asio::awaitable<std::tuple<error_code>> shutdown_write() {
+    if (tls) return tls->async_shutdown_write(use_tuple);
+    return io.async_shutdown_write(use_tuple);
   }
 
   // The session's and the observer's handle (connection's constructor is private).

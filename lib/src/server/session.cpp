@@ -35,12 +35,18 @@ void connection::mark_exchange_open() noexcept { impl_->tcp().mark_exchange_open
 
 namespace internal {
 
+// Writes all of `b` through TLS or not. Plain functions: g++ 12 evaluates
+// both arms of a conditional expression under co_await.
+asio::awaitable<std::tuple<error_code, std::size_t>> write_all(connection_impl& c, asio::const_buffer b) {
+  if (c.tls) return asio::async_write(*c.tls, b, use_tuple);
+  return asio::async_write(c.io, b, use_tuple);
+}
+
 // The writer of one connection's queue: a named coroutine taking its state
 // by value (no capturing lambda coroutines: g++ 12, asio#858).
 asio::awaitable<void> run_writer(std::shared_ptr<connection_impl> c) {
   while (!c->queue.empty() && !c->write_error) {
-    auto [ec, n] = co_await (c->tls ? asio::async_write(*c->tls, asio::buffer(c->queue.front()), use_tuple)
-                                    : asio::async_write(c->io, asio::buffer(c->queue.front()), use_tuple));
+    auto [ec, n] = co_await write_all(*c, asio::buffer(c->queue.front()));
     if (ec) {
       c->write_error = ec;
       break;
@@ -92,21 +98,19 @@ asio::awaitable<std::pair<error_code, std::size_t>> connection::read_some(asio::
     // Backpressure: stop reading until the peer takes what we owe it.
     if (auto ec = co_await wait_queue_below(c, c.owner->opts.write_low_watermark)) co_return std::pair{ec, 0};
   }
-  auto [ec, n] = co_await (c.tls ? c.tls->async_read_some(b, use_tuple) : c.io.async_read_some(b, use_tuple));
+  auto [ec, n] = co_await c.read_some(b);
   co_return std::pair{ec, n};
 }
 
 asio::awaitable<error_code> connection::write(asio::const_buffer b) {
   if (auto ec = co_await flush()) co_return ec;
-  auto& c = *impl_;
-  auto [ec, n] = co_await (c.tls ? asio::async_write(*c.tls, b, use_tuple) : asio::async_write(c.io, b, use_tuple));
+  auto [ec, n] = co_await internal::write_all(*impl_, b);
   co_return ec;
 }
 
 asio::awaitable<error_code> connection::shutdown_write() {
   if (auto ec = co_await flush()) co_return ec;
-  auto& c = *impl_;
-  auto [ec] = co_await (c.tls ? c.tls->async_shutdown_write(use_tuple) : c.io.async_shutdown_write(use_tuple));
+  auto [ec] = co_await impl_->shutdown_write();
   co_return ec;
 }
 

@@ -46,7 +46,12 @@ struct basic_stream<NextLayer>::read_op {
           asio::post(asio::append(std::move(self), std::exchange(impl->pending_socket_error, {}), std::size_t{0}));
           return;
         }
-        impl->next.async_read_some(buffers, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
+        // A copy taken before `self` (and the `buffers` in it) moves into the
+        // binder: a moved buffer sequence (a std::vector) is empty.
+        {
+          const Buffers b = buffers;
+          impl->next.async_read_some(b, asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
+        }
         return;
       case reading:
         impl->app_read_in_flight = false;
@@ -88,7 +93,8 @@ struct basic_stream<NextLayer>::write_op {
         return;
       }
       impl->before_write();
-      impl->next.async_write_some(buffers, asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
+      const Buffers b = buffers;  // before `self` moves into the binder (see read_op)
+      impl->next.async_write_some(b, asio::bind_cancellation_slot(impl->write_cancel.slot(), std::move(self)));
       return;
     }
     impl->app_write_in_flight = false;

@@ -157,13 +157,13 @@ struct basic_tls_stream<NextLayer>::close_op {
   close_policy policy;
   enum {
     starting,
-    second,         // another close is in progress: wait for its report
-    waiting,        // for the application's read and writes in flight to complete
-    close_notify,   // our close_notify is being written
-    fin,            // our FIN is going out
-    drain_start,    // (our FIN went out before)
-    draining,       // reading through TLS for the peer's close_notify or FIN
-    tcp_close,      // the TCP close finishes
+    second,        // another close is in progress: wait for its report
+    waiting,       // for the application's read and writes in flight to complete
+    close_notify,  // our close_notify is being written
+    fin,           // our FIN is going out
+    drain_start,   // (our FIN went out before)
+    draining,      // reading through TLS for the peer's close_notify or FIN
+    tcp_close,     // the TCP close finishes
   } stage = starting;
   std::chrono::steady_clock::time_point drain_started{};
   std::uint64_t discarded = 0;
@@ -201,7 +201,7 @@ struct basic_tls_stream<NextLayer>::close_op {
           return;
         }
         if (tcp.report()) return finish_tcp(self, policy);
-        if (i.facts.close_notify_sent) return after_close_notify(self);  // async_shutdown_write sent it
+        if (i.facts.close_notify_sent) return after_close_notify(self);                 // async_shutdown_write sent it
         if (tcp.state().write() != write_state::open) return finish_tcp(self, policy);  // our FIN is out already
         stage = close_notify;
         i.send_close_notify(std::move(self));

@@ -58,8 +58,12 @@ struct tls_stream_impl {
   using tcp_stream_type = basic_stream<NextLayer>;
 
   tls_stream_impl(tcp_stream_type&& tcp, asio::ssl::context& ctx, tls_options o)
-      : ssl(std::move(tcp), ctx), opts(o), record(std::make_shared<tls_record>()), timer(ssl.get_executor()),
-        idle(ssl.get_executor()), done(ssl.get_executor()) {
+      : ssl(std::move(tcp), ctx),
+        opts(o),
+        record(std::make_shared<tls_record>()),
+        timer(ssl.get_executor()),
+        idle(ssl.get_executor()),
+        done(ssl.get_executor()) {
     idle.expires_at(clock::time_point::max());
     done.expires_at(clock::time_point::max());
   }
@@ -73,8 +77,8 @@ struct tls_stream_impl {
 
   asio::steady_timer timer;  // the handshake deadline, then the close's TLS drain bound
   bool timer_fired = false;
-  asio::cancellation_signal cut;  // emitted by `timer`: cancels the handshake or the drain read
-  asio::steady_timer idle;        // never expires; cancelled when a read or write in flight completes
+  asio::cancellation_signal cut;          // emitted by `timer`: cancels the handshake or the drain read
+  asio::steady_timer idle;                // never expires; cancelled when a read or write in flight completes
   asio::cancellation_signal read_cancel;  // a close takes over the application's read
   bool app_read_in_flight = false;
   int writes_in_flight = 0;
