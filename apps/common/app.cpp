@@ -65,6 +65,12 @@ void server_flags::add_to(CLI::App& cli) {
   cli.add_flag("--final-state", final_state,
                "Read each connection's TCP state just before its close (TCP_INFO, one syscall per connection) for "
                "the close report's final_state, which is otherwise 'unknown'");
+  cli.add_option("--tls-cert", tls_cert, "Serve TLS (1.2 and 1.3, ALPN http/1.1) with this PEM certificate chain")
+      ->type_name("FILE");
+  cli.add_option("--tls-key", tls_key, "The PEM private key of --tls-cert")->type_name("FILE");
+  cli.add_option("--handshake-timeout", handshake_timeout_s, "TLS: seconds a handshake may take in all (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_flag("--stats", print_stats, "Print the teardown statistics on exit (stdout)");
   cli.add_option("--stats-format", stats_format, "Format of --stats")
       ->check(CLI::IsMember({"json", "prometheus"}))
@@ -97,6 +103,11 @@ server_options server_flags::to_options() const {
   o.overflow = overflow == "reject" ? overflow_action::reject : overflow_action::pause_accept;
   o.handle_signals = true;
   o.reuse_port = reuse_port;
+  if (tls_cert.empty() != tls_key.empty())
+    throw CLI::ValidationError("--tls-cert", "--tls-cert and --tls-key go together");
+  o.tls_limits.handshake_timeout = seconds(handshake_timeout_s);
+  if (!tls_cert.empty())
+    o.tls = std::make_shared<asio::ssl::context>(make_server_context_from_files(tls_cert, tls_key));
   return o;
 }
 

@@ -41,10 +41,15 @@ struct server_flags {
   bool final_state = false;
   bool print_stats = false;
   std::string stats_format = "json";
+  std::string tls_cert;  ///< PEM certificate chain: serve TLS (with tls_key)
+  std::string tls_key;   ///< PEM private key
+  double handshake_timeout_s = 10.0;
 
   /// Registers the flags on `cli`.
   void add_to(CLI::App& cli);
-  /// Builds server options; throws CLI::ValidationError on bad values.
+  /// Builds server options; throws CLI::ValidationError on bad values. With
+  /// --tls-cert/--tls-key the TLS context is built here (a certificate or key
+  /// that cannot be loaded throws std::exception: a setup failure).
   server_options to_options() const;
 };
 

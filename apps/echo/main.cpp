@@ -44,6 +44,8 @@ int run_server(const app::server_flags& flags) {
     opts = flags.to_options();
   } catch (const CLI::ValidationError& e) {
     return app::fail(name, e.what(), app::exit_usage);
+  } catch (const std::exception& e) {
+    return app::fail(name, e.what());  // a certificate or key that cannot be loaded
   }
   closewise::server srv(opts, echo::make_session(echo::session_options_for(opts)));
   try {

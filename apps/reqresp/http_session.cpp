@@ -175,7 +175,8 @@ void format_head(std::string& out, const response_head& h) {
 // Writes a response whose body is in memory (HEAD: the same head, no body).
 // Coroutine helpers take references: each is awaited at once by the session,
 // whose frame owns the referenced objects.
-asio::awaitable<error_code> write_text(stream& io, std::string& head_buffer, response_head h, std::string_view body,
+template <class Stream>
+asio::awaitable<error_code> write_text(Stream& io, std::string& head_buffer, response_head h, std::string_view body,
                                        bool head_only) {
   h.length = body.size();
   format_head(head_buffer, h);
@@ -188,7 +189,8 @@ asio::awaitable<error_code> write_text(stream& io, std::string& head_buffer, res
 // GET /bytes/N: N bytes of the pattern, straight from its immutable table
 // (no allocation per response, any N up to --max-bytes), the first piece in
 // the same write as the head.
-asio::awaitable<error_code> write_pattern(stream& io, std::string& head_buffer, response_head h, bool head_only) {
+template <class Stream>
+asio::awaitable<error_code> write_pattern(Stream& io, std::string& head_buffer, response_head h, bool head_only) {
   format_head(head_buffer, h);
   std::uint64_t offset = head_only ? h.length : 0;
   auto piece = [&] { return static_cast<std::size_t>(std::min<std::uint64_t>(pattern_span, h.length - offset)); };
@@ -207,7 +209,8 @@ asio::awaitable<error_code> write_pattern(stream& io, std::string& head_buffer, 
 // Answers a refused request and ends the session with a graceful close. A
 // refused HEAD gets the header alone: a body there would be read by the
 // client as the start of the next response (RFC 9110 section 9.3.2).
-asio::awaitable<void> refuse(connection& c, http_service& svc, std::string& head_buffer, const rejection& r,
+template <class Stream>
+asio::awaitable<void> refuse(connection& c, Stream& io, http_service& svc, std::string& head_buffer, const rejection& r,
                              bool head) {
   svc.counters().refused.fetch_add(1, std::memory_order_relaxed);
   if (r.status == http::status::request_timeout) svc.counters().timeouts.fetch_add(1, std::memory_order_relaxed);
@@ -219,7 +222,7 @@ asio::awaitable<void> refuse(connection& c, http_service& svc, std::string& head
   h.status = r.status;
   h.keep_alive = false;
   const std::string body = r.reason + "\n";
-  if (!co_await write_text(c.io(), head_buffer, h, body, head))
+  if (!co_await write_text(io, head_buffer, h, body, head))
     svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -230,7 +233,8 @@ std::string stats_text(const http_service& svc, route which) {
 
 // Runs the route for an accepted request and writes the response. Returns the
 // write's error.
-asio::awaitable<error_code> serve(connection& c, http_service& svc, std::string& head_buffer, request& req,
+template <class Stream>
+asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& head_buffer, request& req,
                                   bool keep_alive) {
   const bool head = req.method() == http::verb::head;
   const route_match m = match_route(req.method(), std::string_view(req.target().data(), req.target().size()),
@@ -243,29 +247,29 @@ asio::awaitable<error_code> serve(connection& c, http_service& svc, std::string&
     h.status = m.refusal->status;
     h.allow = m.allow;
     const std::string body = m.refusal->reason + "\n";
-    co_return co_await write_text(c.io(), head_buffer, h, body, head);
+    co_return co_await write_text(io, head_buffer, h, body, head);
   }
   svc.counters().routed.fetch_add(1, std::memory_order_relaxed);
   switch (*m.which) {
     case route::bytes:
       h.type = "application/octet-stream";
       h.length = m.bytes;
-      co_return co_await write_pattern(c.io(), head_buffer, h, head);
+      co_return co_await write_pattern(io, head_buffer, h, head);
     case route::echo: {
       const auto type = req[http::field::content_type];
       h.type = type.empty() ? std::string_view("application/octet-stream") : std::string_view(type.data(), type.size());
-      co_return co_await write_text(c.io(), head_buffer, h, req.body(), false);
+      co_return co_await write_text(io, head_buffer, h, req.body(), false);
     }
     case route::stats:
     case route::metrics: {
       h.type = *m.which == route::stats ? "application/json" : "text/plain; version=0.0.4";
       const std::string body = stats_text(svc, *m.which);
-      co_return co_await write_text(c.io(), head_buffer, h, body, head);
+      co_return co_await write_text(io, head_buffer, h, body, head);
     }
     case route::root:
       break;
   }
-  co_return co_await write_text(c.io(), head_buffer, h,
+  co_return co_await write_text(io, head_buffer, h,
                                 "closewise-reqresp: TCP teardown done right.\n"
                                 "GET /bytes/N, POST /echo, GET /stats, GET /metrics\n",
                                 head);
@@ -312,7 +316,8 @@ error_code parse_buffered(request_parser& p, beast::flat_buffer& b, bool whole, 
 // Reads into the buffer until the header (or, whole, the whole message) is
 // parsed, as Beast's read operations do, but with the header counted across
 // reads (header_budget) and the deadline's cancellation bound to each read.
-asio::awaitable<error_code> read_request(stream& io, beast::flat_buffer& b, request_parser& p,
+template <class Stream>
+asio::awaitable<error_code> read_request(Stream& io, beast::flat_buffer& b, request_parser& p,
                                          request_deadline& deadline, header_budget& header, bool whole) {
   for (;;) {
     const error_code ec = parse_buffered(p, b, whole, header);
@@ -321,8 +326,11 @@ asio::awaitable<error_code> read_request(stream& io, beast::flat_buffer& b, requ
     if (size == 0) co_return http::error::buffer_overflow;
     auto [rec, n] = co_await io.async_read_some(b.prepare(size), deadline.token());
     b.commit(n);
-    if (rec == asio::error::eof) {
-      // As Beast: a message cut by the FIN is partial; none at all, the end of the stream.
+    if (rec == asio::error::eof || rec == asio::ssl::error::stream_truncated) {
+      // As Beast: a message cut by the FIN is partial; none at all, the end of
+      // the stream. Over TLS: the peer's close_notify, or a FIN without it
+      // (the TLS layer reports which; a request is never framed by the end
+      // of the connection, so either way a partial one is not answered).
       if (!p.got_some()) co_return http::error::end_of_stream;
       error_code eof_ec;
       p.put_eof(eof_ec);
@@ -339,12 +347,13 @@ bool wants_continue(const request_parser& p) {
 
 }  // namespace
 
-asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> svc) {
+template <class Stream>
+asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr<http_service>& svc) {
   const http_options& o = svc->options();
   // Kept across requests: bytes of the next (pipelined) request stay here.
   beast::flat_buffer buffer(o.max_header_bytes + buffer_slack);
   std::optional<request_parser> parser;
-  request_deadline deadline(c.io().get_executor(), o.request_timeout);
+  request_deadline deadline(io.get_executor(), o.request_timeout);
   bool first_request = true;
   std::string head_buffer;  // every response's head, reused
   for (;;) {
@@ -357,7 +366,7 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
       // returning now would put our FIN on the wire just as that request comes.
       // The capacity earlier requests grew is reused as it is.
       const std::size_t room = std::max(idle_read_bytes, buffer.capacity());
-      auto [ec, n] = co_await c.io().async_read_some(buffer.prepare(room), use_tuple);
+      auto [ec, n] = co_await io.async_read_some(buffer.prepare(room), use_tuple);
       buffer.commit(n);
       // FIN, RST, idle timeout, or a drain's close between requests: nothing to answer.
       if (n == 0) co_return;
@@ -383,7 +392,7 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     bool answerable = true;
     header_budget header{o.max_header_bytes, 0};
     error_code hec = parse_buffered(*parser, buffer, false, header);
-    if (hec == http::error::need_more) hec = co_await read_request(c.io(), buffer, *parser, deadline, header, false);
+    if (hec == http::error::need_more) hec = co_await read_request(io, buffer, *parser, deadline, header, false);
     if (hec || deadline.expired()) {
       refusal = failed(hec);
       answerable = refusal.has_value();
@@ -393,21 +402,26 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     if (!refusal && answerable && !parser->is_done()) {
       if (wants_continue(*parser)) {
         static constexpr std::string_view go_on = "HTTP/1.1 100 Continue\r\n\r\n";
-        if (auto [ec, n] = co_await asio::async_write(c.io(), asio::buffer(go_on), use_tuple); ec) co_return;
+        if (auto [ec, n] = co_await asio::async_write(io, asio::buffer(go_on), use_tuple); ec) co_return;
         c.mark_exchange_open();  // the 100 answered nothing: a drain must wait for the final response
       }
       error_code bec = parse_buffered(*parser, buffer, true, header);
-      if (bec == http::error::need_more) bec = co_await read_request(c.io(), buffer, *parser, deadline, header, true);
+      if (bec == http::error::need_more) bec = co_await read_request(io, buffer, *parser, deadline, header, true);
       if (bec || deadline.expired()) {
         refusal = failed(bec);
         answerable = refusal.has_value();
       }
     }
     deadline.stop();
+    // Over TLS: the request is complete by its framing, so a FIN without
+    // close_notify from now on is the peer's end, not a truncation.
+    if constexpr (requires { io.mark_message_complete(); }) {
+      if (answerable && parser->is_done()) io.mark_message_complete();
+    }
     if (!answerable) co_return;  // the peer ended the stream mid-request or the connection failed
     if (refusal) {
       // The method is known once the request line was parsed (verb::unknown before).
-      co_await refuse(c, *svc, head_buffer, *refusal, parser->get().method() == http::verb::head);
+      co_await refuse(c, io, *svc, head_buffer, *refusal, parser->get().method() == http::verb::head);
       co_return;  // a graceful close; nothing pipelined behind a refused request runs
     }
 
@@ -419,12 +433,20 @@ asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> s
     const bool keep_alive = req.keep_alive() && !c.draining();
     closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
                                std::string_view(req.target()));
-    if (const error_code ec = co_await serve(c, *svc, head_buffer, req, keep_alive)) co_return;
+    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive)) co_return;
     svc->counters().responses.fetch_add(1, std::memory_order_relaxed);
     // The requester has everything it asked for, unless a pipelined request
     // already waits in our buffer: then rst_if_safe must not call it complete.
     if (buffer.size() == 0) c.mark_exchange_complete();
     if (!keep_alive) co_return;  // the server closes with --teardown
+  }
+}
+
+asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> svc) {
+  if (tls_stream* t = c.tls()) {
+    co_await http_session_on(c, *t, svc);
+  } else {
+    co_await http_session_on(c, c.io(), svc);
   }
 }
 
@@ -438,6 +460,11 @@ void configure_server(server_options& so, const http_options& ho) {
   // The client speaks first, and nothing can be answered before its whole
   // header arrived: until then a connection is a parked socket.
   so.start_on_input = true;
+  // With TLS: plain HTTP sent to the TLS port gets an answer it can read, as
+  // nginx gives it, then a graceful close.
+  static constexpr std::string_view plain_body = "The plain HTTP request was sent to the HTTPS port\n";
+  so.plaintext_reply = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: " +
+                       std::to_string(plain_body.size()) + "\r\nConnection: close\r\n\r\n" + std::string(plain_body);
   if (ho.request_timeout.count() > 0) {
     so.input_ready = header_complete;
     so.ready_timeout = ho.request_timeout;

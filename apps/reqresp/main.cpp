@@ -58,6 +58,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::ValidationError& e) {
     std::cerr << name << ": error: " << e.what() << " (see " << name << " --help)\n";
     return app::exit_usage;
+  } catch (const std::exception& e) {
+    return app::fail(name, e.what());  // a certificate or key that cannot be loaded
   }
   http.request_timeout = app::seconds(request_timeout_s);
   rr::configure_server(options, http);

@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "coordinator.hpp"
 #include "response_parser.hpp"
 
 namespace closewise::bench {
@@ -48,6 +49,10 @@ std::string_view to_string(error_class e) noexcept {
       return "bad_status";
     case error_class::protocol:
       return "protocol";
+    case error_class::tls_handshake:
+      return "tls_handshake";
+    case error_class::tls:
+      return "tls";
     case error_class::other:
       return "other";
   }
@@ -56,47 +61,12 @@ std::string_view to_string(error_class e) noexcept {
 
 namespace {
 
-std::int64_t now_ns() noexcept {
-  timespec ts{};
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
-}
+using detail::control;
+using detail::live_counters;
+using detail::now_ns;
+using detail::phase;
 
-enum class phase : int { warmup = 0, measuring = 1, stopping = 2 };
-
-// Shared between the threads and the coordinating thread. Read once per
-// event with relaxed loads: a cycle that ends a few nanoseconds across a
-// phase boundary may fall on either side, which is what any window does.
-struct control {
-  std::atomic<int> current{static_cast<int>(phase::warmup)};
-  bool count_mode = false;
-  std::atomic<std::int64_t> tickets{0};  // count mode: cycles still to start in the window
-
-  phase get() const noexcept { return static_cast<phase>(current.load(std::memory_order_relaxed)); }
-};
-
-// Live counters for the progress line, one cache line per thread.
-struct alignas(64) live_counters {
-  std::atomic<std::uint64_t> completed{0};
-  std::atomic<std::uint64_t> errors{0};
-};
-
-error_class classify_errno(int err) noexcept {
-  switch (err) {
-    case ECONNREFUSED:
-      return error_class::refused;
-    case ECONNRESET:
-      return error_class::reset;
-    case EPIPE:
-      return error_class::broken_pipe;
-    case ETIMEDOUT:
-      return error_class::timeout;
-    case EADDRNOTAVAIL:
-      return error_class::addr_unavailable;
-    default:
-      return error_class::other;
-  }
-}
+using detail::classify_errno;
 
 enum class slot_state : std::uint8_t {
   idle,          // no connection, nothing to start (stopping, or out of tickets)
@@ -182,19 +152,10 @@ class worker {
  private:
   static constexpr std::size_t read_buffer_size = 64 * 1024;
 
-  bool counted(const slot& s) const noexcept { return ctl_.count_mode ? s.ticketed : ctl_.get() == phase::measuring; }
+  bool counted(const slot& s) const noexcept { return detail::counted(ctl_, s.ticketed); }
 
   // Decides whether a new cycle may start now and, in count mode, takes its ticket.
-  bool may_start(slot& s) noexcept {
-    const phase ph = ctl_.get();
-    if (ph == phase::stopping) return false;
-    s.ticketed = false;
-    if (ctl_.count_mode && ph == phase::measuring) {
-      if (ctl_.tickets.fetch_sub(1, std::memory_order_relaxed) <= 0) return false;
-      s.ticketed = true;
-    }
-    return true;
-  }
+  bool may_start(slot& s) noexcept { return detail::may_start(ctl_, s.ticketed); }
 
   static void set_idle(slot& s) noexcept { s.state = slot_state::idle; }
 
@@ -483,86 +444,22 @@ class worker {
 
 }  // namespace
 
+void detail::merge_result(load_result& out, const load_result& r) {
+  out.latency.merge(r.latency);
+  out.completed += r.completed;
+  for (std::size_t i = 0; i < error_class_count; ++i) out.errors[i] += r.errors[i];
+  out.connections_opened += r.connections_opened;
+  out.bytes_in += r.bytes_in;
+  out.server_reset_after_response += r.server_reset_after_response;
+  out.aborted_at_end += r.aborted_at_end;
+  out.tls.merge(r.tls);
+}
+
 load_result run_load(const load_config& cfg, const progress_fn& progress) {
-  const unsigned threads = std::max(1u, std::min(cfg.threads, cfg.connections));
-  control ctl;
-  ctl.count_mode = cfg.count > 0;
-  ctl.tickets.store(static_cast<std::int64_t>(cfg.count));
-  std::vector<live_counters> live(threads);
-  std::vector<std::unique_ptr<worker>> workers;
-  for (unsigned t = 0; t < threads; ++t) {
-    const unsigned share = cfg.connections / threads + (t < cfg.connections % threads ? 1 : 0);
-    workers.push_back(std::make_unique<worker>(cfg, ctl, live[t], share));
-  }
-  std::vector<std::thread> pool;
-  std::atomic<unsigned> running{threads};
-  for (auto& w : workers) {
-    pool.emplace_back([&w, &running] {
-      w->run();
-      running.fetch_sub(1);
-    });
-  }
-
-  const std::int64_t start = now_ns();
-  const std::int64_t warm_end = start + cfg.warmup.count();
-  std::int64_t window_start = 0;
-  std::int64_t window_end = 0;
-  std::int64_t next_progress = start + 1'000'000'000;
-  auto totals = [&] {
-    std::uint64_t c = 0, e = 0;
-    for (auto& l : live) {
-      c += l.completed.load(std::memory_order_relaxed);
-      e += l.errors.load(std::memory_order_relaxed);
-    }
-    return std::pair{c, e};
-  };
-  for (;;) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    const std::int64_t now = now_ns();
-    const phase ph = ctl.get();
-    if (ph == phase::warmup && now >= warm_end) {
-      window_start = now_ns();
-      ctl.current.store(static_cast<int>(phase::measuring));
-    } else if (ph == phase::measuring) {
-      const bool time_up = !ctl.count_mode && now - window_start >= cfg.duration.count();
-      const bool count_done = ctl.count_mode && totals().first + totals().second >= cfg.count;
-      if (time_up || count_done) {
-        window_end = now_ns();
-        ctl.current.store(static_cast<int>(phase::stopping));
-      }
-      if (ctl.count_mode && running.load() == 0) {
-        window_end = now_ns();
-        ctl.current.store(static_cast<int>(phase::stopping));
-      }
-    } else if (ph == phase::stopping && running.load() == 0) {
-      break;
-    }
-    if (progress && now >= next_progress) {
-      const auto [c, e] = totals();
-      const phase shown = ctl.get();
-      progress(static_cast<double>(now - start) / 1e9,
-               shown == phase::warmup      ? "warm-up"
-               : shown == phase::measuring ? "measuring"
-                                           : "ending",
-               c, e);
-      next_progress += 1'000'000'000;
-    }
-  }
-  for (auto& t : pool) t.join();
-
-  load_result out;
-  for (auto& w : workers) {
-    const load_result& r = w->result();
-    out.latency.merge(r.latency);
-    out.completed += r.completed;
-    for (std::size_t i = 0; i < error_class_count; ++i) out.errors[i] += r.errors[i];
-    out.connections_opened += r.connections_opened;
-    out.bytes_in += r.bytes_in;
-    out.server_reset_after_response += r.server_reset_after_response;
-    out.aborted_at_end += r.aborted_at_end;
-  }
-  out.window_s = static_cast<double>(window_end - window_start) / 1e9;
-  return out;
+  if (cfg.tls) return run_tls_load(cfg, progress);
+  return detail::coordinate(cfg, progress, [&](control& ctl, live_counters& live, unsigned share) {
+    return std::make_unique<worker>(cfg, ctl, live, share);
+  });
 }
 
 }  // namespace closewise::bench

@@ -1,6 +1,7 @@
 // closewise-bench's own tests: the response parser (a short response is a
 // failure, never a success), the latency histogram, and the engine against
-// raw loopback servers that answer well, truncate, reset, or refuse.
+// raw loopback servers that answer well, truncate, reset, or refuse; the
+// TLS engine against an in-process closewise TLS server.
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -16,8 +17,13 @@
 
 #include <gtest/gtest.h>
 
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
+
 #include "closewise/probe.hpp"
 #include "closewise/sock_diag.hpp"
+#include "closewise/tls.hpp"
 #include "engine.hpp"
 #include "histogram.hpp"
 #include "response_parser.hpp"
@@ -183,6 +189,22 @@ TEST(Histogram, QuantilesWithinBucketError) {
 
 // ---- engine against raw loopback servers --------------------------------------
 
+// 20 counted cycles on two connections of one thread, against `addr`.
+load_config config_for(const void* addr, std::size_t len, mode m, std::chrono::nanoseconds timeout) {
+  load_config c;
+  std::memcpy(&c.target, addr, len);
+  c.target_len = static_cast<socklen_t>(len);
+  c.run_mode = m;
+  c.request =
+      std::string("GET / HTTP/1.1\r\nHost: t\r\n") + (m == mode::server_close ? "Connection: close\r\n" : "") + "\r\n";
+  c.threads = 1;
+  c.connections = 2;
+  c.warmup = std::chrono::nanoseconds(0);
+  c.count = 20;
+  c.timeout = timeout;
+  return c;
+}
+
 // A blocking loopback server on port 0: for each connection, reads one
 // request and calls `serve(fd)`, which answers and decides how it ends.
 class raw_server {
@@ -205,20 +227,7 @@ class raw_server {
     ::close(fd_);
   }
   std::uint16_t port() const { return ntohs(addr_.sin_port); }
-  load_config config(mode m) const {
-    load_config c;
-    std::memcpy(&c.target, &addr_, sizeof(addr_));
-    c.target_len = sizeof(addr_);
-    c.run_mode = m;
-    c.request = std::string("GET / HTTP/1.1\r\nHost: t\r\n") +
-                (m == mode::server_close ? "Connection: close\r\n" : "") + "\r\n";
-    c.threads = 1;
-    c.connections = 2;
-    c.warmup = std::chrono::nanoseconds(0);
-    c.count = 20;
-    c.timeout = std::chrono::seconds(2);
-    return c;
-  }
+  load_config config(mode m) const { return config_for(&addr_, sizeof(addr_), m, std::chrono::seconds(2)); }
 
  private:
   void loop() {
@@ -361,6 +370,157 @@ TEST(Engine, RefusedIsRefused) {
   const auto r = closewise::bench::run_load(c, nullptr);
   EXPECT_EQ(r.completed, 0u);
   EXPECT_EQ(r.errors[static_cast<std::size_t>(error_class::refused)], 5u);
+}
+
+// A TLS server on loopback port 0, on its own thread: each connection
+// shakes hands, answers every request with 200 and five bytes, and ends
+// with closewise's graceful close (close_notify, FIN, the client's end)
+// after a request with "Connection: close" or at the client's end.
+class tls_server {
+ public:
+  using tcp = boost::asio::ip::tcp;
+  using stream = closewise::basic_tls_stream<tcp::socket>;
+
+  tls_server()
+      : ctx_(closewise::make_server_context(closewise::make_self_signed_certificate())),
+        acceptor_(ioc_, tcp::endpoint(boost::asio::ip::address_v4::loopback(), 0)) {
+    accept();
+    thread_ = std::thread([this] { ioc_.run(); });
+  }
+  ~tls_server() {
+    boost::asio::post(ioc_, [this] { ioc_.stop(); });
+    thread_.join();
+  }
+  load_config config(mode m) const {
+    const auto ep = acceptor_.local_endpoint();
+    load_config c = config_for(ep.data(), ep.size(), m, std::chrono::seconds(5));
+    c.tls = true;
+    return c;
+  }
+
+ private:
+  struct session {
+    explicit session(stream&& s) : tls(std::move(s)) {}
+    stream tls;
+    std::string in;
+    char buf[4096];
+  };
+
+  void accept() {
+    acceptor_.async_accept([this](const closewise::error_code& ec, tcp::socket sock) {
+      if (ec) return;
+      accept();
+      auto s = std::make_shared<session>(stream(std::move(sock), ctx_));
+      s->tls.async_handshake(boost::asio::ssl::stream_base::server, [this, s](const closewise::error_code& e) {
+        if (e) return end(s);
+        read(s);
+      });
+    });
+  }
+  void read(const std::shared_ptr<session>& s) {
+    s->tls.async_read_some(boost::asio::buffer(s->buf), [this, s](const closewise::error_code& ec, std::size_t n) {
+      if (ec) return end(s);
+      s->in.append(s->buf, n);
+      const auto at = s->in.find("\r\n\r\n");
+      if (at == std::string::npos) return read(s);
+      const bool close = s->in.find("Connection: close") < at;
+      s->in.erase(0, at + 4);
+      s->tls.mark_message_complete();
+      static const std::string response = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+      boost::asio::async_write(s->tls, boost::asio::buffer(response),
+                               [this, s, close](const closewise::error_code& e, std::size_t) {
+                                 if (e || close) return end(s);
+                                 read(s);
+                               });
+    });
+  }
+  static void end(const std::shared_ptr<session>& s) {
+    s->tls.async_close(closewise::close_policy::graceful, [s](const closewise::close_report&) {});
+  }
+
+  boost::asio::io_context ioc_;
+  boost::asio::ssl::context ctx_;
+  tcp::acceptor acceptor_;
+  std::thread thread_;
+};
+
+std::uint64_t count_of(const closewise::bench::load_result& r, error_class e) {
+  return r.errors[static_cast<std::size_t>(e)];
+}
+
+class TlsEngine : public ::testing::TestWithParam<mode> {};
+
+// Every cycle mode: whole responses, a full handshake for each connection
+// and never a resumed session, and TLS ended as the mode says.
+TEST_P(TlsEngine, EveryCycleIsAFullHandshakeAndAWholeResponse) {
+  tls_server srv;
+  auto cfg = srv.config(GetParam());
+  if (GetParam() == mode::keepalive) cfg.requests_per_conn = 4;
+  const auto r = closewise::bench::run_load(cfg, nullptr);
+  EXPECT_EQ(r.completed, 20u);
+  EXPECT_EQ(r.errors_total(), 0u);
+  EXPECT_EQ(r.tls.resumed, 0u);
+  EXPECT_EQ(r.tls.tls13, r.tls.handshakes);
+  if (GetParam() == mode::keepalive) {
+    // 20 requests, 4 per connection: about 5 connections, fewer counted
+    // when one was opened in the warm-up before its requests counted.
+    EXPECT_GE(r.tls.handshakes, 3u);
+    EXPECT_LE(r.tls.handshakes, 7u);
+  } else {
+    EXPECT_EQ(r.tls.handshakes, 20u);
+  }
+  switch (GetParam()) {
+    case mode::client_fin:
+      EXPECT_EQ(r.tls.close_notify_sent, 20u);
+      break;
+    case mode::client_rst:
+      EXPECT_EQ(r.tls.close_notify_sent, 0u);
+      break;
+    case mode::server_close:
+      EXPECT_EQ(r.tls.peer_close_notify, 20u);
+      EXPECT_EQ(r.tls.close_notify_sent, 0u);
+      break;
+    case mode::keepalive:
+      break;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, TlsEngine,
+                         ::testing::Values(mode::client_fin, mode::client_rst, mode::server_close, mode::keepalive),
+                         [](const auto& info) {
+                           std::string n(closewise::bench::to_string(info.param));
+                           for (char& ch : n)
+                             if (ch == '-') ch = '_';
+                           return n;
+                         });
+
+TEST(TlsEngineVersions, TwelveOnlyNegotiatesTwelve) {
+  tls_server srv;
+  auto cfg = srv.config(mode::client_fin);
+  cfg.tls_versions = closewise::bench::tls_version_choice::tls12;
+  const auto r = closewise::bench::run_load(cfg, nullptr);
+  EXPECT_EQ(r.completed, 20u);
+  EXPECT_EQ(r.tls.tls12, 20u);
+  EXPECT_EQ(r.tls.resumed, 0u);
+}
+
+// A plain HTTP server on the TLS client's port: every handshake fails, and
+// says how; none is a success.
+TEST(TlsEngineErrors, PlainServerIsAHandshakeFailureByClass) {
+  raw_server srv([](int fd) {
+    send_all(fd, "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    ::close(fd);
+  });
+  auto cfg = srv.config(mode::client_fin);
+  cfg.tls = true;
+  cfg.connections = 1;
+  cfg.count = 5;
+  const auto r = closewise::bench::run_load(cfg, nullptr);
+  EXPECT_EQ(r.completed, 0u);
+  EXPECT_EQ(count_of(r, error_class::tls_handshake), 5u);
+  std::uint64_t failures = 0;
+  for (auto n : r.tls.handshake_failures) failures += n;
+  EXPECT_EQ(failures, 5u);
 }
 
 }  // namespace

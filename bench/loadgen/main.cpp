@@ -273,6 +273,9 @@ int main(int argc, char** argv) {
   unsigned sources = 0;
   bool no_progress = false;
   bool fail_on_error = false;
+  bool tls = false;
+  std::string tls_versions = "both";
+  std::string tls_server_name = "localhost";
   std::string log_level = "warn";
 
   cli.add_option("--target", target_text, "Server to load, HOST:PORT")->required()->type_name("HOST:PORT");
@@ -321,6 +324,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cli.add_flag("--no-progress", no_progress, "No live progress line (it is shown only on a terminal anyway)");
   cli.add_flag("--fail-on-error", fail_on_error, "Exit 1 when any cycle failed");
+  cli.add_flag("--tls", tls,
+               "HTTPS (cycle modes): a full handshake per connection (no session resumption), and TLS ended as the "
+               "mode says; handshake failures and TLS errors counted by class");
+  cli.add_option("--tls-versions", tls_versions, "--tls: the versions offered, 1.2 | 1.3 | both")
+      ->check(CLI::IsMember({"1.2", "1.3", "both"}))
+      ->capture_default_str();
+  cli.add_option("--tls-server-name", tls_server_name, "--tls: SNI sent (empty: none); the certificate is not verified")
+      ->capture_default_str();
   app::add_common_flags(cli, log_level);
   if (const int rc = app::parse(cli, argc, argv); rc >= 0) return rc;
   app::setup_logging(log_level);
@@ -356,10 +367,15 @@ int main(int argc, char** argv) {
   j["tool"] = name;
   j["version"] = app::version();
   j["mode"] = mode_text;
+  j["tls"] = tls;
   j["target"] = target_text;
   j["path"] = path;
   j["method"] = method;
 
+  if (tls && (mode_text == "idle" || mode_text == "half-request")) {
+    std::cerr << name << ": error: --tls is for the cycle modes (see " << name << " --help)\n";
+    return app::exit_usage;
+  }
   if (mode_text == "idle" || mode_text == "half-request") {
     cb::hold_config hc;
     hc.target = target.addr;
@@ -436,6 +452,11 @@ int main(int argc, char** argv) {
   cfg.warmup = app::seconds(warmup_s);
   cfg.duration = app::seconds(duration_s);
   cfg.count = count;
+  cfg.tls = tls;
+  cfg.tls_versions = tls_versions == "1.2"   ? cb::tls_version_choice::tls12
+                     : tls_versions == "1.3" ? cb::tls_version_choice::tls13
+                                             : cb::tls_version_choice::both;
+  cfg.tls_server_name = tls_server_name;
   const bool keepalive = cfg.run_mode == cb::mode::keepalive;
   const std::string unit = keepalive ? "req/s" : "conn/s";
 
@@ -493,6 +514,25 @@ int main(int argc, char** argv) {
   j["server_reset_after_response"] = r.server_reset_after_response;
   j["aborted_at_end"] = r.aborted_at_end;
   j["bytes_in"] = r.bytes_in;
+  if (tls) {
+    json failures;
+    for (std::size_t i = 0; i < r.tls.handshake_failures.size(); ++i) {
+      const auto h = static_cast<closewise::tls_handshake>(i);
+      if (h != closewise::tls_handshake::none && h != closewise::tls_handshake::ok)
+        failures[std::string(closewise::to_string(h))] = r.tls.handshake_failures[i];
+    }
+    j["tls"] = {{"versions_offered", tls_versions},
+                {"handshakes", r.tls.handshakes},
+                {"resumed", r.tls.resumed},
+                {"negotiated", {{"TLSv1.2", r.tls.tls12}, {"TLSv1.3", r.tls.tls13}}},
+                {"handshake_failures", failures},
+                {"errors", {{"alert", r.tls.alerts}, {"ssl", r.tls.ssl_errors}, {"truncated", r.tls.truncated}}},
+                {"server_end",
+                 {{"close_notify", r.tls.peer_close_notify},
+                  {"fin_without_close_notify", r.tls.peer_fin_no_close_notify},
+                  {"reset", r.server_reset_after_response}}},
+                {"close_notify_sent", r.tls.close_notify_sent}};
+  }
   j["time_wait"] = {{"client", tw_client_new},
                     {"server", tw_server_new},
                     {"client_before", tw_before.remote_side},
@@ -501,10 +541,10 @@ int main(int argc, char** argv) {
   if (!after.error.empty() || ec) j["sock_diag_error"] = !after.error.empty() ? after.error : ec.message();
   j["load_average"] = {{"start", load_start}, {"end", load_average()}};
 
-  std::cout << name << " " << app::version() << ": " << mode_text << " against " << target_text << " " << path << ", "
-            << j["threads"].get<unsigned>() << " threads, " << connections << " connections, "
-            << (sources > 0 ? std::to_string(sources) + " source addresses, " : "") << fixed(r.window_s, 2)
-            << " s measured (+" << fixed(warmup_s, 2) << " s warm-up)\n";
+  std::cout << name << " " << app::version() << ": " << mode_text << (tls ? " over TLS" : "") << " against "
+            << target_text << " " << path << ", " << j["threads"].get<unsigned>() << " threads, " << connections
+            << " connections, " << (sources > 0 ? std::to_string(sources) + " source addresses, " : "")
+            << fixed(r.window_s, 2) << " s measured (+" << fixed(warmup_s, 2) << " s warm-up)\n";
   std::cout << "  " << grouped(static_cast<std::uint64_t>(rate)) << " " << unit << "  (" << grouped(r.completed)
             << (keepalive ? " requests" : " cycles") << ", " << grouped(r.errors_total()) << " errors";
   if (keepalive) std::cout << ", " << grouped(r.connections_opened) << " connections";
@@ -517,6 +557,20 @@ int main(int argc, char** argv) {
     std::cout << (i ? ", " : " ") << cb::to_string(static_cast<cb::error_class>(i)) << " " << r.errors[i];
   }
   std::cout << "\n";
+  if (tls) {
+    std::cout << "  tls (" << tls_versions << " offered): " << grouped(r.tls.handshakes) << " full handshakes (TLSv1.3 "
+              << grouped(r.tls.tls13) << ", TLSv1.2 " << grouped(r.tls.tls12) << "), resumed " << r.tls.resumed
+              << "; handshake failures:";
+    for (std::size_t i = 0; i < r.tls.handshake_failures.size(); ++i) {
+      const auto h = static_cast<closewise::tls_handshake>(i);
+      if (h == closewise::tls_handshake::none || h == closewise::tls_handshake::ok) continue;
+      std::cout << " " << closewise::to_string(h) << " " << r.tls.handshake_failures[i];
+    }
+    std::cout << "\n  tls errors: alert " << r.tls.alerts << ", ssl " << r.tls.ssl_errors << ", truncated "
+              << r.tls.truncated << "; server ended with close_notify " << grouped(r.tls.peer_close_notify)
+              << ", bare FIN " << grouped(r.tls.peer_fin_no_close_notify) << "; close_notify sent "
+              << grouped(r.tls.close_notify_sent) << "\n";
+  }
   if (r.server_reset_after_response > 0) {
     std::cout << "  note: " << grouped(r.server_reset_after_response)
               << " whole responses were followed by the server's RST instead of its FIN\n";

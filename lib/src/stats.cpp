@@ -30,6 +30,19 @@ void internal::stats_recorder::record(const close_report& r) noexcept {
   if (r.timeout != timeout_kind::none) add(timeouts_[static_cast<std::size_t>(r.timeout) % timeout_kind_count]);
   if (r.drain == drain_end::timeout) add(linger_timeouts_);
   if (r.drain == drain_end::byte_limit) add(linger_limits_);
+  if (r.tls) {
+    const tls_facts& t = *r.tls;
+    add(tls_handshakes_[static_cast<std::size_t>(t.handshake) % tls_handshake_count]);
+    if (t.handshake == tls_handshake::ok) {
+      add(tls_handshake_us_,
+          static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(t.handshake_time).count()));
+      if (t.version == "TLSv1.2") add(tls_v12_);
+      if (t.version == "TLSv1.3") add(tls_v13_);
+      add(tls_peer_end_[static_cast<std::size_t>(t.peer_end) % tls_ending_count]);
+    }
+    if (t.close_notify_sent) add(tls_close_notify_sent_);
+    if (t.close_notify_received) add(tls_close_notify_received_);
+  }
 }
 
 stats_snapshot server_stats::snapshot() const noexcept {
@@ -58,6 +71,13 @@ stats_snapshot server_stats::snapshot() const noexcept {
   for (std::size_t i = 0; i < accept_error_count; ++i) s.accept_errors[i] = get(accept_errors_[i]);
   s.drain_closed = get(drain_closed_);
   s.drain_forced = get(drain_forced_);
+  for (std::size_t i = 0; i < tls_handshake_count; ++i) s.tls_handshakes[i] = get(tls_handshakes_[i]);
+  s.tls_handshake_us = get(tls_handshake_us_);
+  s.tls_v12 = get(tls_v12_);
+  s.tls_v13 = get(tls_v13_);
+  s.tls_close_notify_sent = get(tls_close_notify_sent_);
+  s.tls_close_notify_received = get(tls_close_notify_received_);
+  for (std::size_t i = 0; i < tls_ending_count; ++i) s.tls_peer_end[i] = get(tls_peer_end_[i]);
   return s;
 }
 
@@ -95,6 +115,17 @@ void each_counter(const stats_snapshot& s, F&& f) {
     f("accept_errors", "kind", to_string(static_cast<accept_error>(i)), s.accept_errors[i], "Accept errors, by kind");
   f("drain_closed", "", "", s.drain_closed, "Idle connections closed gracefully by a drain");
   f("drain_forced", "", "", s.drain_forced, "Connections reset at the drain deadline");
+  for (std::size_t i = 1; i < tls_handshake_count; ++i)
+    f("tls_handshakes", "outcome", to_string(static_cast<tls_handshake>(i)), s.tls_handshakes[i],
+      "TLS handshakes, by outcome");
+  f("tls_handshake_microseconds", "", "", s.tls_handshake_us, "Time spent in successful TLS handshakes");
+  f("tls_sessions", "version", "TLSv1.2", s.tls_v12, "TLS sessions, by protocol version");
+  f("tls_sessions", "version", "TLSv1.3", s.tls_v13, "");
+  f("tls_close_notify", "direction", "sent", s.tls_close_notify_sent, "close_notify alerts sent and received");
+  f("tls_close_notify", "direction", "received", s.tls_close_notify_received, "");
+  for (std::size_t i = 0; i < tls_ending_count; ++i)
+    f("tls_peer_end", "ending", to_string(static_cast<tls_ending>(i)), s.tls_peer_end[i],
+      "TLS sessions by how the peer ended them (none: this side ended it first)");
 }
 
 }  // namespace

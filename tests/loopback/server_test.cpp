@@ -906,10 +906,11 @@ TEST(server_start_on_input, a_unix_socket_waits_for_ready_input_too) {
 // field written under another's name or left out fails; names as documented
 // in docs/statistics.md, written out here so that a renamed key fails too.
 TEST(stats, json_and_prometheus_carry_every_counter) {
-  // 20 counters and three arrays (13 + 4 + 6): a field added to the snapshot
-  // fails here until this test checks it.
-  static_assert(sizeof(stats_snapshot) ==
-                    (20 + close_cause_count + timeout_kind_count + accept_error_count) * sizeof(std::uint64_t),
+  // 25 counters and five arrays (13 + 4 + 6 + 8 + 5): a field added to the
+  // snapshot fails here until this test checks it.
+  static_assert(sizeof(stats_snapshot) == (25 + close_cause_count + timeout_kind_count + accept_error_count +
+                                           tls_handshake_count + tls_ending_count) *
+                                              sizeof(std::uint64_t),
                 "stats_snapshot has a field this test does not check");
   stats_snapshot snap;
   std::uint64_t next = 1000;
@@ -956,6 +957,16 @@ TEST(stats, json_and_prometheus_carry_every_counter) {
     labelled(snap.accept_errors[i], "accept_errors", "kind", to_string(static_cast<accept_error>(i)));
   scalar(snap.drain_closed, "drain_closed");
   scalar(snap.drain_forced, "drain_forced");
+  // Index 0 of tls_handshakes is `none`, never counted nor written; every tls_peer_end is.
+  for (std::size_t i = 1; i < tls_handshake_count; ++i)
+    labelled(snap.tls_handshakes[i], "tls_handshakes", "outcome", to_string(static_cast<tls_handshake>(i)));
+  scalar(snap.tls_handshake_us, "tls_handshake_microseconds");
+  labelled(snap.tls_v12, "tls_sessions", "version", "TLSv1.2");
+  labelled(snap.tls_v13, "tls_sessions", "version", "TLSv1.3");
+  labelled(snap.tls_close_notify_sent, "tls_close_notify", "direction", "sent");
+  labelled(snap.tls_close_notify_received, "tls_close_notify", "direction", "received");
+  for (std::size_t i = 0; i < tls_ending_count; ++i)
+    labelled(snap.tls_peer_end[i], "tls_peer_end", "ending", to_string(static_cast<tls_ending>(i)));
 
   // The JSON is flat: "key":N, or "group":{"label":N,...} for labelled counters.
   const auto json = to_json(snap);

@@ -23,6 +23,7 @@
 
 #include "closewise/stats.hpp"
 #include "closewise/stream.hpp"
+#include "closewise/tls.hpp"
 
 namespace closewise {
 
@@ -31,6 +32,8 @@ namespace closewise {
 using socket = asio::generic::stream_protocol::socket;
 /// The closewise stream over it.
 using stream = basic_stream<socket>;
+/// TLS over it.
+using tls_stream = basic_tls_stream<socket>;
 
 /// What the server does with a connection that arrives at the connection limit.
 enum class overflow_action : std::uint8_t {
@@ -116,6 +119,19 @@ struct server_options {
   /// (`connection::input_since` tells it when the input began). 0: the idle
   /// timeout, counted from the first byte.
   std::chrono::milliseconds ready_timeout{10000};
+
+  /// TLS on every listener: a server context (make_server_context). Each
+  /// connection's session starts after its handshake, bounded by
+  /// `tls_limits.handshake_timeout`; a failed handshake is counted by class
+  /// and closed gracefully without a session. With TLS, `input_ready` is not
+  /// consulted (the first bytes are a ClientHello): the first bytes start it.
+  /// Null: plain TCP.
+  std::shared_ptr<asio::ssl::context> tls;
+  tls_options tls_limits;
+  /// Written in the clear to a client that spoke plain HTTP to the TLS port
+  /// (an HTTP server answers 400, as nginx does), before the graceful close.
+  /// Empty: just the close.
+  std::string plaintext_reply;
 };
 
 class server;
@@ -128,8 +144,12 @@ struct server_state;
 /// every member must be called from the session (or its thread).
 class connection {
  public:
-  /// The AsyncStream: use it directly, e.g. under beast::http::async_read.
+  /// The AsyncStream of a plain connection: use it directly, e.g. under
+  /// beast::http::async_read. Over TLS, the TCP stream under TLS (its state
+  /// and options; reading or writing it bypasses TLS): use `tls()`.
   stream& io() noexcept;
+  /// The TLS stream of a TLS connection (its handshake done), else null.
+  tls_stream* tls() noexcept;
   /// The connection's half-close state machine (read side, write side, phase).
   const connection_state& state() const noexcept;
   /// "HOST:PORT" of the peer, or "unix" for a Unix socket.

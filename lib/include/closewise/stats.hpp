@@ -33,6 +33,10 @@ static_assert(static_cast<std::size_t>(close_cause::server_drain) + 1 == close_c
               "close_cause_count is stale: server_drain must stay the last cause");
 inline constexpr std::size_t timeout_kind_count = 4;
 static_assert(static_cast<std::size_t>(timeout_kind::write) + 1 == timeout_kind_count, "timeout_kind_count is stale");
+inline constexpr std::size_t tls_handshake_count = 8;
+static_assert(static_cast<std::size_t>(tls_handshake::error) + 1 == tls_handshake_count, "tls_handshake_count is stale");
+inline constexpr std::size_t tls_ending_count = 5;
+static_assert(static_cast<std::size_t>(tls_ending::reset) + 1 == tls_ending_count, "tls_ending_count is stale");
 
 /// A copy of the counters at one moment.
 struct stats_snapshot {
@@ -59,6 +63,16 @@ struct stats_snapshot {
   std::array<std::uint64_t, accept_error_count> accept_errors{};  ///< indexed by accept_error
   std::uint64_t drain_closed = 0;                                 ///< idle connections closed gracefully by a drain
   std::uint64_t drain_forced = 0;                                 ///< connections reset at the drain deadline
+  // TLS (server_options::tls): handshakes by outcome, then for connections
+  // whose handshake succeeded, the protocol, close_notify each way and how
+  // the peer ended the TLS stream.
+  std::array<std::uint64_t, tls_handshake_count> tls_handshakes{};  ///< indexed by tls_handshake (none unused)
+  std::uint64_t tls_handshake_us = 0;                               ///< total handshake time of successful handshakes
+  std::uint64_t tls_v12 = 0;                                        ///< sessions on TLS 1.2
+  std::uint64_t tls_v13 = 0;                                        ///< sessions on TLS 1.3
+  std::uint64_t tls_close_notify_sent = 0;
+  std::uint64_t tls_close_notify_received = 0;
+  std::array<std::uint64_t, tls_ending_count> tls_peer_end{};  ///< indexed by tls_ending (none: we ended it first)
 };
 
 /// The counters of one server, as its users see them: read-only. The server
@@ -87,6 +101,9 @@ class server_stats {
   counter limit_rejected_{0}, limit_paused_{0};
   std::array<counter, accept_error_count> accept_errors_{};
   counter drain_closed_{0}, drain_forced_{0};
+  std::array<counter, tls_handshake_count> tls_handshakes_{};
+  counter tls_handshake_us_{0}, tls_v12_{0}, tls_v13_{0}, tls_close_notify_sent_{0}, tls_close_notify_received_{0};
+  std::array<counter, tls_ending_count> tls_peer_end_{};
 };
 
 /// The snapshot as one JSON object (stable key names, documented in docs/).

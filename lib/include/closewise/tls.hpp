@@ -155,6 +155,15 @@ class basic_tls_stream {
         write_op<ConstBufferSequence>{impl_, buffers}, token, impl_->ssl);
   }
 
+  /// Ends our output: close_notify (once), then our FIN, once the writes in
+  /// flight completed (the caller's to ensure, as with any ssl::stream
+  /// shutdown). Reads go on until the peer ends its side (TLS 1.3
+  /// half-close; a TLS 1.2 peer may answer with its own close_notify).
+  template <class CompletionToken>
+  auto async_shutdown_write(CompletionToken&& token) {
+    return asio::async_compose<CompletionToken, void(error_code)>(shutdown_op{impl_}, token, impl_->ssl);
+  }
+
   /// The message in progress is complete by its own framing (a whole
   /// Content-Length or chunked body, a whole request): a bare FIN now ends
   /// the stream as `peer_fin_no_close_notify`, not `truncated`. Bytes read
@@ -198,6 +207,7 @@ class basic_tls_stream {
   template <class Buffers>
   struct write_op;
   struct handshake_op;
+  struct shutdown_op;
   struct close_op;
 
   std::shared_ptr<impl_type> impl_;

@@ -31,10 +31,10 @@ void server_state::start_drain() {
 void server_state::close_idle(worker& w) {
   const auto cutoff = clock::now() - opts.drain_idle_grace;
   for (connection_impl* c : w.connections) {
-    if (!c->io.idle_since(cutoff)) continue;
+    if (!c->tcp().idle_since(cutoff)) continue;
     c->drained = true;
-    c->io.note_server_drain();
-    c->io.async_close(close_policy::graceful, [](close_report) {});
+    c->tcp().note_server_drain();
+    c->async_close(close_policy::graceful, [](close_report) {});
   }
 }
 
@@ -47,10 +47,10 @@ void server_state::drain_pass(worker& w, clock::time_point deadline) {
   const bool force = now >= deadline;
   if (force) {
     for (connection_impl* c : w.connections) {
-      if (c->io.state().closing()) continue;
+      if (c->tcp().state().closing()) continue;
       c->forced = true;
       forced.fetch_add(1, std::memory_order_relaxed);
-      c->io.async_close(close_policy::abortive, [](close_report) {});
+      c->async_close(close_policy::abortive, [](close_report) {});
     }
   } else {
     // Decided one turn of the queue later: a read that has completed with

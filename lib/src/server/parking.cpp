@@ -48,7 +48,7 @@ bool needs_more_input(const server_state& srv, worker& w, parked_connection& p, 
   if (r.n < 0) p.ahead.error = r.error;
   if (r.n <= 0) return false;  // a FIN (or an error) after the input: the session meets it
   p.ahead.bytes.append(w.read_buffer.get(), static_cast<std::size_t>(r.n));
-  if (!o.input_ready || p.ahead.bytes.size() >= o.input_limit) return false;
+  if (!o.input_ready || o.tls || p.ahead.bytes.size() >= o.input_limit) return false;  // TLS: a ClientHello
   return !o.input_ready(p.ahead.bytes);
 }
 

@@ -101,7 +101,8 @@ struct connection_impl {
     arm_forever(queue_signal);
   }
 
-  stream io;
+  stream io;                        // a plain connection's stream; moved into `tls` for TLS
+  std::unique_ptr<tls_stream> tls;  // TLS: owns the TCP stream
   peer_address peer_addr;
   clock::time_point input_since;
   std::string peer;  // formatted from peer_addr on first use
@@ -117,6 +118,15 @@ struct connection_impl {
   asio::steady_timer queue_signal;  // cancelled whenever the queue shrank or failed
   bool drained = false;             // closed by a drain while idle
   bool forced = false;              // reset at the drain deadline
+
+  // The TCP stream, under TLS or not.
+  stream& tcp() noexcept { return tls ? tls->tcp() : io; }
+  std::optional<close_report> report() const { return tls ? tls->report() : io.report(); }
+  // Closes with `p` through TLS (close_notify first) or not.
+  template <class Token>
+  auto async_close(close_policy p, Token&& token) {
+    return tls ? tls->async_close(p, std::forward<Token>(token)) : io.async_close(p, std::forward<Token>(token));
+  }
 
   // The session's and the observer's handle (connection's constructor is private).
   static connection handle(std::shared_ptr<connection_impl> c) { return connection(std::move(c)); }

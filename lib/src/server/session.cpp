@@ -16,21 +16,22 @@ using internal::clock;
 using internal::connection_impl;
 using internal::use_tuple;
 
-stream& connection::io() noexcept { return impl_->io; }
-const connection_state& connection::state() const noexcept { return impl_->io.state(); }
+stream& connection::io() noexcept { return impl_->tcp(); }
+tls_stream* connection::tls() noexcept { return impl_->tls.get(); }
+const connection_state& connection::state() const noexcept { return impl_->tcp().state(); }
 const std::string& connection::peer() const noexcept {
   connection_impl& c = *impl_;
   if (c.peer.empty()) c.peer = c.peer_addr.is_tcp ? to_string(c.peer_addr.tcp) : std::string("unix");
   return c.peer;
 }
-std::uint64_t connection::id() const noexcept { return impl_->io.id(); }
+std::uint64_t connection::id() const noexcept { return impl_->tcp().id(); }
 std::chrono::steady_clock::time_point connection::input_since() const noexcept { return impl_->input_since; }
 bool connection::draining() const noexcept { return impl_->owner->draining.load(std::memory_order_relaxed); }
 void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
 close_policy connection::policy() const noexcept { return impl_->policy; }
 std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
-void connection::mark_exchange_complete() { impl_->io.mark_exchange_complete(); }
-void connection::mark_exchange_open() noexcept { impl_->io.mark_exchange_open(); }
+void connection::mark_exchange_complete() { impl_->tcp().mark_exchange_complete(); }
+void connection::mark_exchange_open() noexcept { impl_->tcp().mark_exchange_open(); }
 
 namespace internal {
 
@@ -38,7 +39,8 @@ namespace internal {
 // by value (no capturing lambda coroutines: g++ 12, asio#858).
 asio::awaitable<void> run_writer(std::shared_ptr<connection_impl> c) {
   while (!c->queue.empty() && !c->write_error) {
-    auto [ec, n] = co_await asio::async_write(c->io, asio::buffer(c->queue.front()), use_tuple);
+    auto [ec, n] = co_await (c->tls ? asio::async_write(*c->tls, asio::buffer(c->queue.front()), use_tuple)
+                                    : asio::async_write(c->io, asio::buffer(c->queue.front()), use_tuple));
     if (ec) {
       c->write_error = ec;
       break;
@@ -77,7 +79,7 @@ error_code connection::send(std::string bytes) {
   impl_->queue.push_back(std::move(bytes));
   if (!impl_->writer_running) {
     impl_->writer_running = true;
-    asio::co_spawn(impl_->io.get_executor(), run_writer(impl_), asio::detached);
+    asio::co_spawn(impl_->tcp().get_executor(), run_writer(impl_), asio::detached);
   }
   return {};
 }
@@ -90,24 +92,26 @@ asio::awaitable<std::pair<error_code, std::size_t>> connection::read_some(asio::
     // Backpressure: stop reading until the peer takes what we owe it.
     if (auto ec = co_await wait_queue_below(c, c.owner->opts.write_low_watermark)) co_return std::pair{ec, 0};
   }
-  auto [ec, n] = co_await c.io.async_read_some(b, use_tuple);
+  auto [ec, n] = co_await (c.tls ? c.tls->async_read_some(b, use_tuple) : c.io.async_read_some(b, use_tuple));
   co_return std::pair{ec, n};
 }
 
 asio::awaitable<error_code> connection::write(asio::const_buffer b) {
   if (auto ec = co_await flush()) co_return ec;
-  auto [ec, n] = co_await asio::async_write(impl_->io, b, use_tuple);
+  auto& c = *impl_;
+  auto [ec, n] = co_await (c.tls ? asio::async_write(*c.tls, b, use_tuple) : asio::async_write(c.io, b, use_tuple));
   co_return ec;
 }
 
 asio::awaitable<error_code> connection::shutdown_write() {
   if (auto ec = co_await flush()) co_return ec;
-  auto [ec] = co_await impl_->io.async_shutdown_write(use_tuple);
+  auto& c = *impl_;
+  auto [ec] = co_await (c.tls ? c.tls->async_shutdown_write(use_tuple) : c.io.async_shutdown_write(use_tuple));
   co_return ec;
 }
 
 asio::awaitable<close_report> connection::close(close_policy p) {
-  auto [r] = co_await impl_->io.async_close(p, use_tuple);
+  auto [r] = co_await impl_->async_close(p, use_tuple);
   co_return r;
 }
 
@@ -120,35 +124,57 @@ stream make_stream(const server_state& srv, socket s, const peer_address& peer, 
   return stream(std::move(s), so, std::move(ahead));
 }
 
+// TLS: the connection's handshake, bounded by tls_limits.handshake_timeout.
+// True when the session may start. A failed handshake closes gracefully
+// with no session (no close_notify: there is no TLS session to end); a
+// client that spoke plain HTTP first gets `plaintext_reply` in the clear.
+asio::awaitable<bool> shake_hands(server_state& srv, connection_impl& c) {
+  c.tls = std::make_unique<tls_stream>(std::move(c.io), *srv.opts.tls, srv.opts.tls_limits);
+  auto [ec] = co_await c.tls->async_handshake(asio::ssl::stream_base::server, use_tuple);
+  if (!ec) co_return true;
+  const auto& t = c.tls->tls();
+  closewise::logger()->info("[conn {}] TLS handshake failed ({}): {}", c.tcp().id(), to_string(t.handshake),
+                            t.handshake_error);
+  if (t.handshake == tls_handshake::plaintext_http && !srv.opts.plaintext_reply.empty()) {
+    auto [wec, n] = co_await asio::async_write(c.tcp(), asio::buffer(srv.opts.plaintext_reply), use_tuple);
+    static_cast<void>(wec);  // a peer gone already: the close reports it
+    c.tcp().mark_exchange_complete();
+  }
+  c.policy = close_policy::graceful;
+  co_return false;
+}
+
 asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, stream io, peer_address peer,
                                   session_start start, clock::time_point input_since) {
   auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
   c->registration = w->connections.insert(w->connections.end(), c.get());
-  if (start == session_start::serve || start == session_start::ready_timeout) {
+  bool serve = start == session_start::serve || start == session_start::ready_timeout;
+  if (serve && srv->opts.tls) serve = co_await shake_hands(*srv, *c);
+  if (serve) {
     connection conn = connection_impl::handle(c);
     try {
       co_await srv->session(conn);
     } catch (const std::exception& e) {
       // A session that throws still gets a policy close; the error is logged.
-      closewise::logger()->warn("[conn {}] session failed: {}", c->io.id(), e.what());
+      closewise::logger()->warn("[conn {}] session failed: {}", c->tcp().id(), e.what());
     }
   } else if (start == session_start::idle_timeout) {
     // What a session's first read would have met: the idle timeout, then
     // the close with the connection's policy.
-    closewise::logger()->info("[conn {}] idle timeout before the first byte", c->io.id());
-    c->io.note_timeout(timeout_kind::idle);
-  } else {
+    closewise::logger()->info("[conn {}] idle timeout before the first byte", c->tcp().id());
+    c->tcp().note_timeout(timeout_kind::idle);
+  } else if (start == session_start::drain) {
     // A drain met it silent while it waited for its first byte.
     c->drained = true;
-    c->io.note_server_drain();
+    c->tcp().note_server_drain();
     c->policy = close_policy::graceful;
   }
-  if (!c->io.report()) {
-    if (!c->io.state().closing() && c->policy != close_policy::abortive) co_await wait_queue_below(*c, 0);
-    co_await c->io.async_close(c->policy, use_tuple);
+  if (!c->report()) {
+    if (!c->tcp().state().closing() && c->policy != close_policy::abortive) co_await wait_queue_below(*c, 0);
+    co_await c->async_close(c->policy, use_tuple);
   }
   w->connections.erase(c->registration);
-  srv->connection_done(c, *c->io.report());
+  srv->connection_done(c, *c->report());
 }
 
 // Runs on the worker that owned the connection, after its close report.

@@ -65,7 +65,9 @@ struct basic_tls_stream<NextLayer>::read_op {
       if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
         slot.assign([sig = &i.read_cancel](asio::cancellation_type t) { sig->emit(t); });
       }
-      i.ssl.async_read_some(buffers, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
+      // A copy taken before `self` (and the `buffers` in it) is moved into the binder.
+      const Buffers b = buffers;
+      i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
       return;
     }
     if (i.app_read_in_flight) {
@@ -76,7 +78,7 @@ struct basic_tls_stream<NextLayer>::read_op {
         i.facts.close_notify_received = true;
         i.record->peer_ended(tls_ending::close_notify);
       } else if (ec == asio::ssl::error::stream_truncated) {
-        i.record->peer_ended(i.record->bare_fin());
+        i.record->peer_ended(i.bare_fin());
       } else if (ec == asio::error::connection_reset) {
         i.record->peer_ended(tls_ending::reset);
       }
@@ -114,18 +116,55 @@ struct basic_tls_stream<NextLayer>::write_op {
 };
 
 template <class NextLayer>
+struct basic_tls_stream<NextLayer>::shutdown_op {
+  std::shared_ptr<impl_type> impl;
+  enum { starting, close_notify, fin } stage = starting;
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}) {
+    auto& i = *impl;
+    switch (stage) {
+      case starting:
+        if (i.close_started || i.facts.handshake != tls_handshake::ok) {
+          asio::post(asio::append(std::move(self), error_code(asio::error::broken_pipe)));
+          return;
+        }
+        if (i.facts.close_notify_sent) {
+          stage = fin;
+          i.ssl.next_layer().async_shutdown_write(std::move(self));
+          return;
+        }
+        stage = close_notify;
+        i.send_close_notify(std::move(self));
+        return;
+      case close_notify:
+        i.close_notify_went();
+        if (ec) return self.complete(ec);
+        i.facts.close_notify_sent = true;
+        stage = fin;
+        i.ssl.next_layer().async_shutdown_write(std::move(self));
+        return;
+      case fin:
+        self.complete(ec);
+        return;
+    }
+  }
+};
+
+template <class NextLayer>
 struct basic_tls_stream<NextLayer>::close_op {
   std::shared_ptr<impl_type> impl;
   close_policy policy;
   enum {
     starting,
+    second,         // another close is in progress: wait for its report
     waiting,        // for the application's read and writes in flight to complete
     close_notify,   // our close_notify is being written
     fin,            // our FIN is going out
+    drain_start,    // (our FIN went out before)
     draining,       // reading through TLS for the peer's close_notify or FIN
     tcp_close,      // the TCP close finishes
   } stage = starting;
-  bool received_before = false;  // the peer's close_notify had arrived before ours went
   std::chrono::steady_clock::time_point drain_started{};
   std::uint64_t discarded = 0;
   std::unique_ptr<char[]> buf{};
@@ -140,6 +179,16 @@ struct basic_tls_stream<NextLayer>::close_op {
     auto& tcp = i.ssl.next_layer();
     switch (stage) {
       case starting:
+        if (i.close_started) {
+          // Another close runs. An abortive one overrides it (the TCP layer
+          // resets now; the first close's TLS read then fails and it ends
+          // with the same report); any other waits for its report.
+          if (policy == close_policy::abortive && !i.close_done) return finish_tcp(self, policy);
+          if (i.close_done) return complete_now(self);
+          stage = second;
+          i.done.async_wait(std::move(self));
+          return;
+        }
         i.close_started = true;
         if (tcp.report() || policy == close_policy::abortive || i.facts.handshake != tls_handshake::ok)
           return finish_tcp(self, policy);  // no TLS session to end, or RST: nothing to say in TLS
@@ -152,37 +201,20 @@ struct basic_tls_stream<NextLayer>::close_op {
           return;
         }
         if (tcp.report()) return finish_tcp(self, policy);
+        if (i.facts.close_notify_sent) return after_close_notify(self);  // async_shutdown_write sent it
         if (tcp.state().write() != write_state::open) return finish_tcp(self, policy);  // our FIN is out already
-        {
-          // close_notify, once, without waiting for the peer's: with the
-          // peer's marked as received, SSL_shutdown sends ours and reports
-          // the shutdown complete, so ssl::stream writes it and stops. The
-          // mark is taken back once it went, so reads still see the peer's.
-          SSL* s = i.ssl.native_handle();
-          received_before = (::SSL_get_shutdown(s) & SSL_RECEIVED_SHUTDOWN) != 0;
-          ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) | SSL_RECEIVED_SHUTDOWN);
-        }
         stage = close_notify;
-        i.ssl.async_shutdown(std::move(self));
+        i.send_close_notify(std::move(self));
         return;
-      case close_notify: {
-        SSL* s = i.ssl.native_handle();
-        if (!received_before) ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) & ~SSL_RECEIVED_SHUTDOWN);
+      case close_notify:
+        i.close_notify_went();
         if (ec) return finish_tcp(self, policy);  // the write failed: the TCP report says why
         i.facts.close_notify_sent = true;
-        if (policy == close_policy::fin_close) return finish_tcp(self, policy);
-        if (policy == close_policy::rst_if_safe) {
-          if (i.unread_in_tls() == 0) return finish_tcp(self, policy);
-          refusal = reset_refusal::unread_input;  // a RST would discard what OpenSSL holds
-        }
-        if (i.facts.close_notify_received || tcp.state().read() != read_state::open)
-          return finish_tcp(self, close_policy::graceful);  // the peer ended its side already
-        stage = fin;
-        tcp.async_shutdown_write(std::move(self));
-        return;
-      }
+        return after_close_notify(self);
       case fin:
         if (ec) return finish_tcp(self, close_policy::graceful);
+        [[fallthrough]];
+      case drain_start:
         stage = draining;
         drain_started = std::chrono::steady_clock::now();
         buf = std::make_unique_for_overwrite<char[]>(drain_chunk);
@@ -199,11 +231,13 @@ struct basic_tls_stream<NextLayer>::close_op {
           i.facts.close_notify_received = true;
           i.record->peer_ended(tls_ending::close_notify);
         } else if (ec == asio::ssl::error::stream_truncated) {
-          i.record->peer_ended(i.record->bare_fin());
+          i.record->peer_ended(i.bare_fin());
         } else if (ec == asio::error::connection_reset) {
           i.record->peer_ended(tls_ending::reset);
         }
         return finish_tcp(self, close_policy::graceful, i.timer_fired && ec == asio::error::operation_aborted);
+      case second:
+        return complete_now(self);
       case tcp_close:
         return;  // completed by the close_report overload
     }
@@ -216,10 +250,45 @@ struct basic_tls_stream<NextLayer>::close_op {
     if (saved) tcp.set_options(*saved);
     if (refusal != reset_refusal::none && r.refusal == reset_refusal::none) r.refusal = refusal;
     impl->finalize(r);
+    if (!impl->close_done) {
+      impl->close_done = true;
+      impl->done.cancel();
+    }
     self.complete(std::move(r));
   }
 
  private:
+  // Our close_notify went out: what the policy does next.
+  template <class Self>
+  void after_close_notify(Self& self) {
+    auto& i = *impl;
+    auto& tcp = i.ssl.next_layer();
+    if (policy == close_policy::fin_close) return finish_tcp(self, policy);
+    if (policy == close_policy::rst_if_safe) {
+      if (i.unread_in_tls() == 0) return finish_tcp(self, policy);
+      refusal = reset_refusal::unread_input;  // a RST would discard what OpenSSL holds
+    }
+    if (i.facts.close_notify_received || tcp.state().read() != read_state::open)
+      return finish_tcp(self, close_policy::graceful);  // the peer ended its side already
+    if (tcp.state().write() == write_state::open) {
+      stage = fin;
+      tcp.async_shutdown_write(std::move(self));
+      return;
+    }
+    stage = drain_start;
+    (*this)(self);
+  }
+
+  // The first close completed: its report, posted (this may run inside the initiation).
+  template <class Self>
+  void complete_now(Self& self) {
+    auto r = impl->ssl.next_layer().report();
+    close_report out = r ? *r : close_report{};
+    impl->finalize(out);
+    stage = tcp_close;
+    asio::post(asio::append(std::move(self), std::move(out)));
+  }
+
   template <class Self>
   void read_more(Self& self) {
     auto& i = *impl;
@@ -227,8 +296,9 @@ struct basic_tls_stream<NextLayer>::close_op {
     auto at = std::chrono::steady_clock::now() + o.linger_timeout;
     at = std::min(at, drain_started + o.linger_max);
     i.arm_cut(impl, at);
-    i.ssl.async_read_some(asio::buffer(buf.get(), drain_chunk),
-                          asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+    // Taken before `self` is moved into the binder: moved, its `buf` is null.
+    const auto b = asio::buffer(buf.get(), drain_chunk);
+    i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
   }
 
   // Hands the connection to the TCP layer's close. After a TLS drain, the

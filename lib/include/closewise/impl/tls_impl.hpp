@@ -59,8 +59,9 @@ struct tls_stream_impl {
 
   tls_stream_impl(tcp_stream_type&& tcp, asio::ssl::context& ctx, tls_options o)
       : ssl(std::move(tcp), ctx), opts(o), record(std::make_shared<tls_record>()), timer(ssl.get_executor()),
-        idle(ssl.get_executor()) {
+        idle(ssl.get_executor()), done(ssl.get_executor()) {
     idle.expires_at(clock::time_point::max());
+    done.expires_at(clock::time_point::max());
   }
 
   asio::ssl::stream<tcp_stream_type> ssl;
@@ -78,6 +79,8 @@ struct tls_stream_impl {
   bool app_read_in_flight = false;
   int writes_in_flight = 0;
   bool close_started = false;
+  bool close_done = false;
+  asio::steady_timer done;  // never expires; cancelled when the first close completed (a second one waits on it)
 
   void finalize(close_report& r) const { record->finalize(r); }
 
@@ -96,6 +99,29 @@ struct tls_stream_impl {
       p->timer_fired = true;
       p->cut.emit(asio::cancellation_type::terminal);
     });
+  }
+
+  // Sends close_notify once without waiting for the peer's: with the peer's
+  // marked as received, SSL_shutdown sends ours and reports the shutdown
+  // complete, so ssl::stream writes it and stops. close_notify_went() takes
+  // the mark back, so reads still see the peer's.
+  template <class Handler>
+  void send_close_notify(Handler&& h) {
+    SSL* s = ssl.native_handle();
+    received_before_shutdown = (::SSL_get_shutdown(s) & SSL_RECEIVED_SHUTDOWN) != 0;
+    ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) | SSL_RECEIVED_SHUTDOWN);
+    ssl.async_shutdown(std::forward<Handler>(h));
+  }
+  void close_notify_went() noexcept {
+    SSL* s = ssl.native_handle();
+    if (!received_before_shutdown) ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) & ~SSL_RECEIVED_SHUTDOWN);
+  }
+  bool received_before_shutdown = false;
+  // The peer's FIN without close_notify, as a read met it: `truncated` as
+  // well when the FIN cut a record (OpenSSL holds the first bytes of one),
+  // whatever the application marked: the peer had sent more than arrived.
+  tls_ending bare_fin() noexcept {
+    return ::SSL_has_pending(ssl.native_handle()) == 1 ? tls_ending::truncated : record->bare_fin();
   }
 
   // Input OpenSSL holds that no read has taken: decrypted (SSL_pending) or
