@@ -209,6 +209,8 @@ TEST(tls_interop_curl, keep_alive_two_requests_on_one_connection) {
   EXPECT_TRUE(is_pattern(read_file(srv.file("second")), 70000));
   const json stats = srv.stop();
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_handshakes", "ok"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
 }
 
 // Connection: close: the response says so, the body is whole, and curl saw
@@ -227,6 +229,8 @@ TEST(tls_interop_curl, connection_close) {
   EXPECT_TRUE(is_pattern(read_file(srv.file("body")), 4000));
   const json stats = srv.stop();
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "sent"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
 }
 
 // 5 MB over TLS (hundreds of records), compared byte by byte with the pattern,
@@ -255,6 +259,9 @@ TEST(tls_interop_curl, five_megabytes_byte_exact_over_tls12_and_tls13) {
   }
   const json stats = srv.stop();
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 2u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_sessions", "TLSv1.2"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_sessions", "TLSv1.3"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
 }
 
 // ---- openssl s_client ------------------------------------------------------
@@ -285,7 +292,8 @@ TEST_P(tls_interop_s_client, request_response_and_the_server_sends_close_notify)
   EXPECT_TRUE(is_pattern(r.out.substr(end_of_head + 4), 3000));
   const json stats = srv.stop();
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
-  EXPECT_EQ(counter(stats, "tls", "close_notify_sent"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "sent"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_sessions", want_version), 1u) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
 }
 
@@ -392,6 +400,8 @@ TEST(tls_interop_python, unwrap_after_the_response_is_a_close_notify_ending) {
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "close_notify"), 1u) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "received"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "sent"), 1u) << stats.dump();
 }
 
 // Half a request body, then a FIN without close_notify: the server counts a
@@ -407,6 +417,7 @@ TEST(tls_interop_python, a_fin_without_close_notify_mid_request_is_truncated) {
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 1u) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "close_notify"), 0u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "received"), 0u) << stats.dump();
 }
 
 // ---- plain HTTP to the TLS port --------------------------------------------
@@ -427,6 +438,7 @@ TEST(tls_interop_plaintext, plain_http_to_the_tls_port_gets_a_400_then_eof) {
   p.close();
   const json stats = srv.stop();
   EXPECT_EQ(counter(stats, "", "connections_accepted"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_handshakes", "plaintext_http"), 1u) << stats.dump();
 }
 
 // ---- nginx as the TLS client -----------------------------------------------
@@ -540,6 +552,7 @@ TEST(tls_interop_nginx, requests_through_nginx_over_tls_upstream_are_byte_exact)
   const auto accepted = counter(stats, "", "connections_accepted");
   EXPECT_GE(accepted, 1u) << stats.dump();
   EXPECT_LT(accepted, sizes.size() + 1) << "nginx reused no upstream connection; " << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_handshakes", "ok"), accepted) << stats.dump();
   EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 0u) << stats.dump();
 }
 
