@@ -43,6 +43,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../support/child_process.hpp"
+#include "../support/external_tools.hpp"
 #include "../support/loopback.hpp"
 #include "../support/netns.hpp"
 
@@ -67,48 +68,6 @@ double env_seconds(const char* name, double fallback) {
 }
 
 double since(clock_type::time_point t) { return std::chrono::duration<double>(clock_type::now() - t).count(); }
-
-// nginx from PATH or where Debian puts it (/usr/sbin is not on every PATH).
-std::optional<std::string> find_nginx() {
-  std::vector<std::string> dirs;
-  if (const char* path = std::getenv("PATH")) {
-    std::stringstream ss(path);
-    for (std::string d; std::getline(ss, d, ':');) dirs.push_back(d);
-  }
-  dirs.insert(dirs.end(), {"/usr/sbin", "/usr/local/sbin", "/sbin"});
-  for (const auto& d : dirs) {
-    const fs::path p = fs::path(d) / "nginx";
-    if (::access(p.c_str(), X_OK) == 0) return p.string();
-  }
-  return std::nullopt;
-}
-
-// A free port on 127.0.0.1, found by binding port 0. Only inside a private
-// namespace, where nothing else can take it before nginx binds it.
-std::uint16_t free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return 0;
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  std::uint16_t port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
-    port = ntohs(a.sin_port);
-  ::close(fd);
-  return port;
-}
-
-// Until something accepts on the port (nginx prints nothing when it is ready).
-bool wait_accepting(std::uint16_t port, std::chrono::milliseconds limit) {
-  const auto end = clock_type::now() + limit;
-  while (clock_type::now() < end) {
-    if (connect_to(port).fd() >= 0) return true;
-    std::this_thread::sleep_for(10ms);  // polling a process that has no readiness signal
-  }
-  return false;
-}
 
 std::string read_file(const fs::path& p) {
   std::ifstream in(p);
@@ -459,7 +418,7 @@ struct run_env {
 };
 
 bool start_env(run_env& e, const instance_options& io, std::string& why) {
-  const auto nginx = find_nginx();
+  const auto nginx = find_program("nginx");
   if (!nginx) {
     why = "nginx not found";
     return false;
@@ -640,7 +599,7 @@ void expect_clean_restarts(const restart_outcome& o) {
 }
 
 bool have_nginx_or_skip_reason(std::string& why) {
-  if (find_nginx()) return true;
+  if (find_program("nginx")) return true;
   why = "nginx is not installed (Debian: apt-get install nginx-light; scripts/deps.sh test does it)";
   return false;
 }

@@ -28,7 +28,9 @@ class child {
   /// Starts `args` (argv[0] looked up in PATH unless it has a slash). With
   /// `stderr_file`, stderr goes there (appended) instead of a pipe: a child
   /// that logs more than a pipe holds must not block on it while nobody reads.
-  explicit child(std::vector<std::string> args, const std::string& stderr_file = {}) {
+  /// With `stdin_file`, stdin reads that file instead of /dev/null.
+  explicit child(std::vector<std::string> args, const std::string& stderr_file = {},
+                 const std::string& stdin_file = {}) {
     int out[2] = {-1, -1}, err[2] = {-1, -1};
     if (::pipe2(out, O_CLOEXEC) != 0) return;
     if (stderr_file.empty() && ::pipe2(err, O_CLOEXEC) != 0) return;
@@ -40,7 +42,7 @@ class child {
     } else {
       posix_spawn_file_actions_addopen(&fa, 2, stderr_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     }
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 0, stdin_file.empty() ? "/dev/null" : stdin_file.c_str(), O_RDONLY, 0);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
