@@ -134,6 +134,7 @@ struct basic_tls_stream<NextLayer>::shutdown_op {
           i.ssl.next_layer().async_shutdown_write(std::move(self));
           return;
         }
+        i.cork();  // our FIN follows at once: one segment with close_notify (see close_op)
         stage = close_notify;
         i.send_close_notify(std::move(self));
         return;
@@ -203,6 +204,16 @@ struct basic_tls_stream<NextLayer>::close_op {
         if (tcp.report()) return finish_tcp(self, policy);
         if (i.facts.close_notify_sent) return after_close_notify(self);                 // async_shutdown_write sent it
         if (tcp.state().write() != write_state::open) return finish_tcp(self, policy);  // our FIN is out already
+        // Graceful and fin_close send our FIN right behind close_notify: held
+        // back (TCP_CORK) until the FIN, they leave in one segment, so a
+        // peer that answers close_notify by closing does not cross our FIN
+        // with its own (a simultaneous close leaves TIME_WAIT on both sides).
+        if (policy != close_policy::rst_if_safe) i.cork();
+        // Graceful and fin_close send our FIN right behind close_notify: held
+        // back (TCP_CORK) until the FIN, they leave in one segment, so a
+        // peer that answers close_notify by closing does not cross our FIN
+        // with its own (a simultaneous close leaves TIME_WAIT on both sides).
+        if (policy != close_policy::rst_if_safe) i.cork();
         stage = close_notify;
         i.send_close_notify(std::move(self));
         return;

@@ -2,7 +2,10 @@
 // The state shared by a closewise::basic_tls_stream and its operations.
 // Implementation: included by closewise/tls.hpp.
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
+#include <sys/socket.h>
 
 #include <array>
 #include <limits>
@@ -126,6 +129,14 @@ struct tls_stream_impl {
   // whatever the application marked: the peer had sent more than arrived.
   tls_ending bare_fin() noexcept {
     return ::SSL_has_pending(ssl.native_handle()) == 1 ? tls_ending::truncated : record->bare_fin();
+  }
+
+  // TCP_CORK on the socket (a Unix socket refuses it, harmlessly): what is
+  // written waits for the FIN, which pushes it out with it.
+  void cork() noexcept {
+    const int one = 1;
+    static_cast<void>(
+        ::setsockopt(ssl.next_layer().lowest_layer().native_handle(), IPPROTO_TCP, TCP_CORK, &one, sizeof(one)));
   }
 
   // Input OpenSSL holds that no read has taken: decrypted (SSL_pending) or
