@@ -23,6 +23,11 @@ struct tls_record {
   tls_facts facts;
   bool in_message = false;   // plaintext arrived since the last mark_message_complete
   bool until_close = false;  // mark_message_until_close
+  // When our close began, and when it handed over to the TCP close (whose
+  // report counts drain_time from there): the TLS part (close_notify, the
+  // drain through TLS) belongs to the close's time too.
+  std::chrono::steady_clock::time_point close_began{};
+  std::chrono::steady_clock::time_point tcp_close_began{};
 
   // A FIN without close_notify: truncated unless the last message was complete.
   tls_ending bare_fin() const noexcept {
@@ -34,6 +39,8 @@ struct tls_record {
   // Fills in a TCP report's TLS facts.
   void finalize(close_report& r) const {
     r.tls = facts;
+    if (r.close_requested && close_began != std::chrono::steady_clock::time_point{} && tcp_close_began > close_began)
+      r.drain_time += tcp_close_began - close_began;
     if (facts.handshake == tls_handshake::ok && r.tls->peer_end == tls_ending::none && !facts.close_notify_received) {
       const bool peer_fin = r.first_fin == side::peer || r.cause == close_cause::ours_then_peer_fin ||
                             (r.cause == close_cause::server_drain && r.first_fin == side::local);
@@ -58,8 +65,12 @@ struct tls_stream_impl {
   using tcp_stream_type = basic_stream<NextLayer>;
 
   tls_stream_impl(tcp_stream_type&& tcp, asio::ssl::context& ctx, tls_options o)
-      : ssl(std::move(tcp), ctx), opts(o), record(std::make_shared<tls_record>()), timer(ssl.get_executor()),
-        idle(ssl.get_executor()), done(ssl.get_executor()) {
+      : ssl(std::move(tcp), ctx),
+        opts(o),
+        record(std::make_shared<tls_record>()),
+        timer(ssl.get_executor()),
+        idle(ssl.get_executor()),
+        done(ssl.get_executor()) {
     idle.expires_at(clock::time_point::max());
     done.expires_at(clock::time_point::max());
   }
@@ -73,8 +84,8 @@ struct tls_stream_impl {
 
   asio::steady_timer timer;  // the handshake deadline, then the close's TLS drain bound
   bool timer_fired = false;
-  asio::cancellation_signal cut;  // emitted by `timer`: cancels the handshake or the drain read
-  asio::steady_timer idle;        // never expires; cancelled when a read or write in flight completes
+  asio::cancellation_signal cut;          // emitted by `timer`: cancels the handshake or the drain read
+  asio::steady_timer idle;                // never expires; cancelled when a read or write in flight completes
   asio::cancellation_signal read_cancel;  // a close takes over the application's read
   bool app_read_in_flight = false;
   int writes_in_flight = 0;
