@@ -8,6 +8,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
@@ -18,6 +21,7 @@
 #include <boost/beast/core/string.hpp>
 
 #include "closewise/server.hpp"
+#include "closewise/tls.hpp"
 #include "reqresp/http_rules.hpp"
 
 namespace closewise::demo {
@@ -69,6 +73,28 @@ void parse_head(std::string_view head, response_read& r) {
   }
 }
 
+// `flags`: MSG_MORE holds the bytes back for what follows (our FIN).
+int send_fd(int fd, std::string_view data, std::chrono::milliseconds limit, int flags = 0) noexcept {
+  while (!data.empty()) {
+    if (poll_for(fd, POLLOUT, limit) <= 0) return ETIMEDOUT;
+    const ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL | MSG_DONTWAIT | flags);
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN) continue;
+      return errno;
+    }
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return 0;
+}
+
+// A recv()'s result as a read_step: 0 is EOF, -errno an end.
+read_step step_of(long n) noexcept {
+  if (n > 0) return {static_cast<std::size_t>(n), read_end::none, 0};
+  if (n == 0) return {0, read_end::eof, 0};
+  const int e = static_cast<int>(-n);
+  return {0, e == ECONNRESET ? read_end::reset : e == ETIMEDOUT ? read_end::timeout : read_end::error, e};
+}
+
 void take_body(response_read& r, const char* data, std::size_t n) {
   std::uint64_t wanted = n;
   if (r.content_length) {
@@ -98,6 +124,8 @@ std::string_view to_string(read_end e) noexcept {
       return "timeout";
     case read_end::error:
       return "error";
+    case read_end::close_notify:
+      return "close_notify";
   }
   return "?";
 }
@@ -183,16 +211,7 @@ std::uint16_t raw_client::remote_port() const noexcept {
 }
 
 int raw_client::send_all(std::string_view data, std::chrono::milliseconds limit) noexcept {
-  while (!data.empty()) {
-    if (poll_for(fd_, POLLOUT, limit) <= 0) return ETIMEDOUT;
-    const ssize_t n = ::send(fd_, data.data(), data.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN) continue;
-      return errno;
-    }
-    data.remove_prefix(static_cast<std::size_t>(n));
-  }
-  return 0;
+  return send_fd(fd_, data, limit);
 }
 
 long raw_client::recv_some(char* data, std::size_t n, std::chrono::milliseconds limit) noexcept {
@@ -219,6 +238,12 @@ void raw_client::close() noexcept {
 }
 
 void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit) {
+  read_response(
+      [&c](char* data, std::size_t n, std::chrono::milliseconds wait) { return step_of(c.recv_some(data, n, wait)); },
+      r, body_goal, limit);
+}
+
+void read_response(const byte_source& src, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit) {
   // An earlier call saw the end. After ECONNRESET Linux returns 0 on the next
   // read (docs/design.md, 'Kernel experiments', row 8): reading on would turn
   // the reset into an "EOF".
@@ -233,21 +258,18 @@ void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std
       // Never read past the goal: the rest must stay in the kernel.
       want = static_cast<std::size_t>(std::min<std::uint64_t>(want, goal - r.body_bytes));
     }
-    const long n = c.recv_some(buf.data(), want, limit);
-    if (n == 0) {
-      r.end = read_end::eof;
+    const read_step step = src(buf.data(), want, limit);
+    if (step.end != read_end::none) {
+      r.end = step.end;
+      r.error = step.error;
       return;
     }
-    if (n < 0) {
-      r.error = static_cast<int>(-n);
-      r.end = n == -ECONNRESET ? read_end::reset : n == -ETIMEDOUT ? read_end::timeout : read_end::error;
-      return;
-    }
+    const std::size_t n = step.n;
     if (r.head_complete) {
-      take_body(r, buf.data(), static_cast<std::size_t>(n));
+      take_body(r, buf.data(), n);
       continue;
     }
-    head.append(buf.data(), static_cast<std::size_t>(n));
+    head.append(buf.data(), n);
     const auto end = head.find("\r\n\r\n");
     if (end == std::string::npos) {
       if (head.size() > 64 * 1024) {
@@ -263,5 +285,131 @@ void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std
     take_body(r, head.data() + end + 4, head.size() - end - 4);
   }
 }
+
+// ---- TLS ----------------------------------------------------------------
+
+namespace {
+
+SSL_CTX* client_context() {
+  // One context for the process: no verification (the demo's server has a
+  // throwaway certificate), ALPN http/1.1, no SSL_OP_IGNORE_UNEXPECTED_EOF.
+  static asio::ssl::context ctx = make_client_context();
+  return ctx.native_handle();
+}
+
+}  // namespace
+
+tls_client::tls_client(const raw_client& c) : fd_(c.fd()) {
+  ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) | O_NONBLOCK);
+  ssl_ = ::SSL_new(client_context());
+  BIO* rbio = ::BIO_new_socket(fd_, BIO_NOCLOSE);
+  wbio_ = ::BIO_new(::BIO_s_mem());
+  ::SSL_set_bio(ssl_, rbio, wbio_);
+  ::SSL_set_tlsext_host_name(ssl_, "localhost");
+  ::SSL_set_connect_state(ssl_);
+}
+
+tls_client::~tls_client() { ::SSL_free(ssl_); }
+
+int tls_client::flush(std::chrono::milliseconds limit, int flags) {
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(wbio_, &data);
+  if (n <= 0) return 0;
+  const int e = send_fd(fd_, std::string_view(data, static_cast<std::size_t>(n)), limit, flags);
+  (void)BIO_reset(wbio_);
+  return e;
+}
+
+bool tls_client::handshake(std::chrono::milliseconds limit, std::string& error) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    ::ERR_clear_error();
+    const int r = ::SSL_do_handshake(ssl_);
+    const int err = r == 1 ? SSL_ERROR_NONE : ::SSL_get_error(ssl_, r);
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now());
+    if (const int e = flush(left)) {
+      error = "TLS handshake: sending: " + errno_name(e);
+      return false;
+    }
+    if (r == 1) return true;
+    if (err != SSL_ERROR_WANT_READ) {
+      char text[256] = {};
+      ::ERR_error_string_n(::ERR_get_error(), text, sizeof(text));
+      error = std::string("TLS handshake: ") + text;
+      return false;
+    }
+    if (left.count() <= 0 || poll_for(fd_, POLLIN, left) <= 0) {
+      error = "TLS handshake: timed out";
+      return false;
+    }
+  }
+}
+
+int tls_client::send_all(std::string_view plaintext, std::chrono::milliseconds limit) {
+  while (!plaintext.empty()) {
+    ::ERR_clear_error();
+    const int n =
+        ::SSL_write(ssl_, plaintext.data(), static_cast<int>(std::min<std::size_t>(plaintext.size(), 1 << 20)));
+    if (n <= 0) return EPROTO;  // a memory BIO takes everything: only a TLS error stops it
+    if (const int e = flush(limit)) return e;
+    plaintext.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return 0;
+}
+
+read_step tls_client::read_some(char* data, std::size_t n, std::chrono::milliseconds limit) {
+  for (;;) {
+    ::ERR_clear_error();
+    errno = 0;
+    const int r = ::SSL_read(ssl_, data, static_cast<int>(std::min<std::size_t>(n, 1 << 20)));
+    const int saved_errno = errno;
+    const int err = r > 0 ? SSL_ERROR_NONE : ::SSL_get_error(ssl_, r);
+    (void)flush(limit);  // anything OpenSSL answered on its own (a key update)
+    if (r > 0) return {static_cast<std::size_t>(r), read_end::none, 0};
+    switch (err) {
+      case SSL_ERROR_ZERO_RETURN:
+        return {0, read_end::close_notify, 0};
+      case SSL_ERROR_WANT_READ:
+        if (poll_for(fd_, POLLIN, limit) <= 0) return {0, read_end::timeout, ETIMEDOUT};
+        continue;
+      case SSL_ERROR_SYSCALL:
+        if (saved_errno == ECONNRESET) return {0, read_end::reset, ECONNRESET};
+        if (saved_errno == 0) return {0, read_end::eof, 0};
+        return {0, read_end::error, saved_errno};
+      default:
+        // OpenSSL 3 reports a FIN without close_notify as a TLS error.
+        if (ERR_GET_REASON(::ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) return {0, read_end::eof, 0};
+        return {0, read_end::error, EPROTO};
+    }
+  }
+}
+
+byte_source tls_client::source() {
+  return [this](char* data, std::size_t n, std::chrono::milliseconds limit) { return read_some(data, n, limit); };
+}
+
+int tls_client::send_close_notify(std::chrono::milliseconds limit) {
+  ::ERR_clear_error();
+  if (::SSL_shutdown(ssl_) < 0) return EPROTO;
+  return flush(limit);
+}
+
+int tls_client::send_close_notify_and_fin(std::chrono::milliseconds limit) {
+  ::ERR_clear_error();
+  if (::SSL_shutdown(ssl_) < 0) return EPROTO;
+  const int e = flush(limit, MSG_MORE);
+  ::shutdown(fd_, SHUT_WR);  // pushes the held close_notify with the FIN
+  return e;
+}
+
+read_step tls_client::tcp_end(std::chrono::milliseconds limit) {
+  char byte = 0;
+  if (poll_for(fd_, POLLIN, limit) <= 0) return {0, read_end::timeout, ETIMEDOUT};
+  const ssize_t n = ::recv(fd_, &byte, 1, MSG_DONTWAIT);
+  if (n > 0) return {0, read_end::error, EPROTO};  // bytes after close_notify
+  return step_of(n < 0 ? -static_cast<long>(errno) : 0);
+}
+
+std::string tls_client::version() const { return ::SSL_get_version(ssl_); }
 
 }  // namespace closewise::demo

@@ -1,12 +1,18 @@
 #pragma once
 // The demo's HTTP client: a raw blocking socket with poll() timeouts, so that
 // each scenario decides byte by byte when to read, stop reading, half-close,
-// close or reset, and a minimal response reader around it.
+// close or reset, and a minimal response reader around it. Over TLS, a raw
+// OpenSSL client on that socket: the scenario still decides each step,
+// including the ones a TLS library would not let it take (a FIN without
+// close_notify, a close_notify never answered).
 //
 // Thread-safety: a client belongs to one thread.
 
+#include <openssl/types.h>
+
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -49,11 +55,12 @@ class raw_client {
 
 /// How reading a response ended.
 enum class read_end : std::uint8_t {
-  none,     ///< we stopped reading (we had what we wanted, or we reset/closed)
-  eof,      ///< recv returned 0 after the bytes: the server's FIN
-  reset,    ///< ECONNRESET
-  timeout,  ///< nothing arrived within the limit
-  error,    ///< another errno (see `error`)
+  none,          ///< we stopped reading (we had what we wanted, or we reset/closed)
+  eof,           ///< recv returned 0 after the bytes: the server's FIN (over TLS: without close_notify)
+  reset,         ///< ECONNRESET
+  timeout,       ///< nothing arrived within the limit
+  error,         ///< another errno (see `error`)
+  close_notify,  ///< over TLS: the server's close_notify (an authenticated end)
 };
 std::string_view to_string(read_end) noexcept;
 
@@ -71,6 +78,9 @@ struct response_read {
   std::string body_prefix;                      ///< the first bytes of the body (up to 4 KiB), for small answers
   read_end end = read_end::none;
   int error = 0;  ///< errno for read_end::error / reset
+  /// Over TLS, after close_notify: how the TCP connection under it ended
+  /// (EOF: the server's FIN; ECONNRESET: its RST).
+  std::optional<read_end> after_close_notify;
 
   bool intact() const noexcept { return !first_bad_byte && extra_bytes == 0; }
   bool complete() const noexcept { return head_complete && content_length && body_bytes >= *content_length; }
@@ -81,11 +91,64 @@ struct response_read {
 inline constexpr std::uint64_t whole_body = UINT64_MAX - 1;
 inline constexpr std::uint64_t until_end = UINT64_MAX;
 
+/// One read of a response's bytes: `n` > 0 bytes, or how the stream ended.
+struct read_step {
+  std::size_t n = 0;
+  read_end end = read_end::none;
+  int error = 0;  ///< errno for read_end::error / reset
+};
+/// Where a response's bytes come from: one read of at most `n` bytes,
+/// waiting at most `limit`.
+using byte_source = std::function<read_step(char* data, std::size_t n, std::chrono::milliseconds limit)>;
+
 /// Reads into `r` until the head is complete and the body holds at least
 /// `body_goal` bytes (capped at Content-Length when known), or the stream
 /// ends; never reads past the goal, so the rest stays in the kernel. With
 /// `until_end` it reads until EOF or an error. Each wait is bounded by `limit`.
 void read_response(raw_client& c, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit);
+/// The same from any source of bytes (a TLS client's plaintext).
+void read_response(const byte_source& src, response_read& r, std::uint64_t body_goal, std::chrono::milliseconds limit);
+
+/// A TLS client over a raw_client's connected socket (which it does not own
+/// and which must outlive it; its descriptor becomes non-blocking). OpenSSL
+/// reads records straight from the socket, one at a time, so a client that
+/// stops reading leaves the rest in the kernel; what OpenSSL writes goes
+/// through a memory BIO and out with MSG_NOSIGNAL. Verifies nothing: the
+/// demo's server has a throwaway certificate. Every wait is bounded.
+class tls_client {
+ public:
+  explicit tls_client(const raw_client& c);
+  ~tls_client();
+  tls_client(const tls_client&) = delete;
+  tls_client& operator=(const tls_client&) = delete;
+
+  /// The client's handshake (ALPN http/1.1, SNI localhost) within `limit`.
+  /// False on failure, with `error` set.
+  bool handshake(std::chrono::milliseconds limit, std::string& error);
+  /// Encrypts `plaintext` and sends it; 0 or errno.
+  int send_all(std::string_view plaintext, std::chrono::milliseconds limit);
+  /// One SSL_read: bytes, or close_notify, EOF (a FIN without close_notify),
+  /// ECONNRESET, timeout, or error (EPROTO for a TLS error).
+  read_step read_some(char* data, std::size_t n, std::chrono::milliseconds limit);
+  /// As a byte_source for read_response.
+  byte_source source();
+  /// Sends our close_notify (once), without waiting for the peer's; 0 or errno.
+  int send_close_notify(std::chrono::milliseconds limit);
+  /// close_notify and our FIN in one segment: the server cannot answer the
+  /// close_notify before our FIN left (then its FIN would be the first).
+  int send_close_notify_and_fin(std::chrono::milliseconds limit);
+  /// After the peer's close_notify: how the TCP connection ends (EOF for
+  /// its FIN, ECONNRESET for its RST, error EPROTO for bytes after close_notify).
+  read_step tcp_end(std::chrono::milliseconds limit);
+  /// The negotiated protocol ("TLSv1.3").
+  std::string version() const;
+
+ private:
+  int flush(std::chrono::milliseconds limit, int flags = 0);  // what OpenSSL wrote, to the socket
+  int fd_;
+  SSL* ssl_ = nullptr;
+  BIO* wbio_ = nullptr;  // owned by ssl_
+};
 
 /// "ECONNRESET", "EPIPE", ... or the number.
 std::string errno_name(int e);

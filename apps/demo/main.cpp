@@ -2,12 +2,14 @@
 // started in-process (or --target HOST:PORT) and prints one table: who closes
 // and how, the response bytes expected and received, what the client saw,
 // what the server saw, who holds TIME_WAIT (measured with sock_diag), and
-// whether data was lost.
+// whether data was lost. --tls runs the TLS scenarios instead, against an
+// in-process server with a throwaway certificate.
 //
 // Exit status: 0 when every observation matches its expectation, 1 when one
 // does not (each mismatch is printed), 2 on a usage error.
 
 #include <algorithm>
+#include <chrono>
 #include <iostream>
 #include <string>
 #include <string_view>
@@ -53,6 +55,7 @@ nlohmann::ordered_json to_json(const std::vector<demo::scenario_result>& rows, c
   nlohmann::ordered_json out;
   out["version"] = closewise::app::version();
   out["target"] = o.target ? nlohmann::ordered_json(*o.target) : nlohmann::ordered_json("in-process");
+  if (o.tls) out["tls"] = true;
   out["size"] = o.size;
   out["scenarios"] = nlohmann::ordered_json::array();
   std::size_t matching = 0, skipped = 0;
@@ -83,7 +86,17 @@ nlohmann::ordered_json to_json(const std::vector<demo::scenario_result>& rows, c
                      {"unread_at_close", s.unread_at_close},
                      {"unacked_at_close", s.unacked_at_close},
                      {"error", s.error}};
+      if (s.tls) {
+        j["server"]["drain_seconds"] = std::chrono::duration<double>(s.drain_time).count();
+        j["server"]["tls"] = {{"version", s.tls->version},
+                              {"alpn", s.tls->alpn},
+                              {"peer_end", std::string(closewise::to_string(s.tls->peer_end))},
+                              {"close_notify_sent", s.tls->close_notify_sent},
+                              {"close_notify_received", s.tls->close_notify_received},
+                              {"app_bytes_discarded", s.tls->app_bytes_discarded}};
+      }
     }
+    if (r.after_close_notify) j["client_after_close_notify"] = std::string(demo::to_string(*r.after_close_notify));
     j["server_saw"] = r.server_saw;
     j["time_wait"] = std::string(demo::to_string(r.time_wait));
     j["time_wait_detail"] = r.time_wait_detail;
@@ -128,6 +141,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(std::uint64_t{1} << 20, std::uint64_t{1} << 34))
       ->capture_default_str();
   cli.add_option("--only", only, "Run only scenario N")->check(CLI::Range(1, demo::scenario_count))->type_name("N");
+  cli.add_flag("--tls", opts.tls,
+               "Run the TLS scenarios instead: the in-process server speaks TLS with a throwaway self-signed "
+               "certificate (close_notify, truncation, the same RST rules one layer down)");
   app::add_common_flags(cli, log_level);
   if (const int rc = app::parse(cli, argc, argv); rc >= 0) return rc;
   if (!target.empty()) {
@@ -138,6 +154,14 @@ int main(int argc, char** argv) {
       return app::exit_usage;
     }
     opts.target = target;
+  }
+  if (opts.tls && opts.target) {
+    std::cerr << name << ": error: --tls runs against the in-process server only (see " << name << " --help)\n";
+    return app::exit_usage;
+  }
+  if (only > demo::scenarios_in(opts)) {
+    std::cerr << name << ": error: --only: with --tls, N is at most " << demo::tls_scenario_count << '\n';
+    return app::exit_usage;
   }
   app::setup_logging(log_level);
 
@@ -157,12 +181,20 @@ int main(int argc, char** argv) {
   if (json) {
     std::cout << to_json(rows, opts).dump(2) << '\n';
   } else {
-    std::cout << "closewise-demo " << app::version() << " against "
-              << (opts.target ? *opts.target
-                              : std::string("closewise-reqresp in-process (a fresh server per scenario)"))
-              << ", response " << demo::human_bytes(opts.size) << " ("
-              << demo::human_bytes(demo::unbufferable_size(opts.size))
-              << " in scenarios 3 to 6: more than the kernel's socket buffers hold)\n\n";
+    if (opts.tls) {
+      std::cout << "closewise-demo " << app::version()
+                << " over TLS against closewise-reqresp in-process (a fresh server per scenario, a throwaway "
+                   "self-signed certificate), response "
+                << demo::human_bytes(opts.size) << " (" << demo::human_bytes(demo::unbufferable_size(opts.size))
+                << " in scenarios 4 to 6: more than the kernel's socket buffers hold)\n\n";
+    } else {
+      std::cout << "closewise-demo " << app::version() << " against "
+                << (opts.target ? *opts.target
+                                : std::string("closewise-reqresp in-process (a fresh server per scenario)"))
+                << ", response " << demo::human_bytes(opts.size) << " ("
+                << demo::human_bytes(demo::unbufferable_size(opts.size))
+                << " in scenarios 3 to 6: more than the kernel's socket buffers hold)\n\n";
+    }
     print_table(std::cout, rows);
     std::cout << matching << " of " << rows.size() - skipped << " scenarios as expected";
     if (skipped > 0) std::cout << " (" << skipped << " skipped)";

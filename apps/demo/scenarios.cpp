@@ -142,7 +142,16 @@ struct context {
   bool checks_pattern() const { return in_process() || opts.target_path.starts_with("/bytes/"); }
 };
 
-std::unique_ptr<context> make_context(const options& opts, close_policy policy, std::string& error) {
+// The in-process server's TLS context: a throwaway self-signed certificate,
+// made once, on the first TLS scenario.
+std::shared_ptr<asio::ssl::context> server_tls() {
+  static const auto ctx = std::make_shared<asio::ssl::context>(make_server_context(make_self_signed_certificate()));
+  return ctx;
+}
+
+// `linger_timeout` > 0: the server's drain gives up (RST) after that long without progress.
+std::unique_ptr<context> make_context(const options& opts, close_policy policy, std::string& error,
+                                      std::chrono::milliseconds linger_timeout = {}) {
   auto ctx = std::make_unique<context>(context{opts, nullptr, {}, 0, true});
   try {
     if (opts.target) {
@@ -155,6 +164,8 @@ std::unique_ptr<context> make_context(const options& opts, close_policy policy, 
       so.listen = {"127.0.0.1:0"};
       so.threads = 1;
       so.policy = policy;
+      if (opts.tls) so.tls = server_tls();
+      if (linger_timeout.count() > 0) so.stream.linger_timeout = linger_timeout;
       ctx->server = std::make_unique<reqresp::http_server>(so, reqresp::http_options{});
       ctx->endpoint = ctx->server->endpoint();
       ctx->server_port = ctx->server->port();
@@ -191,8 +202,11 @@ std::string describe_client(const response_read& r, std::string_view our_action)
   }
   if (!our_action.empty()) return s + ", then " + std::string(our_action);
   if (r.end == read_end::error) return s + ", then " + errno_name(r.error);
+  if (r.after_close_notify) return fmt::format("{}, then close_notify + {}", s, to_string(*r.after_close_notify));
   return s + ", then " + std::string(to_string(r.end));
 }
+
+double seconds(std::chrono::nanoseconds d) { return std::chrono::duration<double>(d).count(); }
 
 std::string describe_server(const close_report& r) {
   std::string s(to_string(r.cause));
@@ -207,6 +221,13 @@ std::string describe_server(const close_report& r) {
   if (r.cause == close_cause::safe_reset) notes.push_back(fmt::format("RST at SIOCOUTQ {}", r.unacked_at_close));
   if (r.bytes_discarded > 0) notes.push_back(fmt::format("drained {} B", r.bytes_discarded));
   if (r.refusal != reset_refusal::none) notes.push_back(fmt::format("no RST: {}", to_string(r.refusal)));
+  if (r.cause == close_cause::linger_timeout || r.cause == close_cause::linger_limit)
+    notes.push_back(fmt::format("RST after {:.2f} s lingering", seconds(r.drain_time)));
+  if (r.tls) {
+    if (r.tls->app_bytes_discarded > 0) notes.push_back(fmt::format("drained {} B in TLS", r.tls->app_bytes_discarded));
+    notes.push_back(fmt::format("TLS: peer {}, our close_notify {}", to_string(r.tls->peer_end),
+                                r.tls->close_notify_sent ? "sent" : "not sent"));
+  }
   for (std::size_t i = 0; i < notes.size(); ++i) s += (i == 0 ? " (" : "; ") + notes[i];
   return notes.empty() ? s : s + ")";
 }
@@ -217,6 +238,12 @@ struct expectation {
   std::vector<read_end> client_end;       // any of these
   std::vector<close_cause> server_cause;  // any of these (in-process)
   time_wait_holder time_wait = time_wait_holder::none;
+  bool response = true;  // a response head arrives
+  // Over TLS:
+  std::optional<read_end> after_close_notify =
+      std::nullopt;  // how the TCP connection ended after the server's close_notify
+  std::optional<tls_ending> tls_peer_end = std::nullopt;  // how the server saw the client end TLS
+  std::optional<bool> close_notify_sent = std::nullopt;   // whether the server sent close_notify
 };
 
 scenario_result skipped(scenario_result res, std::string why) {
@@ -232,14 +259,31 @@ scenario_result failed(scenario_result res, std::string why) {
   return res;
 }
 
-// One scenario's connection: its setting, its client, the client's port, and
-// the response as far as it was read.
+// One scenario's connection: its setting, its client (and TLS over it with
+// options::tls), the client's port, and the response as far as it was read.
 struct exchange {
   std::unique_ptr<context> ctx;
   raw_client client;
   std::uint16_t port = 0;
   response_read r;
+  std::unique_ptr<tls_client> tls;
 };
+
+// The exchange's reads and writes, through TLS when the client speaks it.
+void read(exchange& x, std::uint64_t body_goal, const options& opts) {
+  if (x.tls) {
+    read_response(x.tls->source(), x.r, body_goal, opts.wait_limit);
+  } else {
+    read_response(x.client, x.r, body_goal, opts.wait_limit);
+  }
+}
+int send(exchange& x, std::string_view bytes, const options& opts) {
+  return x.tls ? x.tls->send_all(bytes, opts.wait_limit) : x.client.send_all(bytes, opts.wait_limit);
+}
+// Over TLS, once the server's close_notify arrived: how the TCP connection under it ends.
+void read_tcp_end(exchange& x, const options& opts) {
+  if (x.tls && x.r.end == read_end::close_notify) x.r.after_close_notify = x.tls->tcp_end(opts.wait_limit).end;
+}
 
 // What every scenario does first: a fresh setting with `policy`, a connection
 // (with SO_RCVBUF `rcvbuf`, 0: the default) that sent `request(ctx)`, and the
@@ -248,9 +292,9 @@ struct exchange {
 // server's sockets are not in our kernel): the scenario returns `res`.
 std::optional<exchange> start(scenario_result& res, const options& opts, close_policy policy, int rcvbuf,
                               const std::function<std::string(const context&)>& request,
-                              bool needs_server_state = false) {
+                              bool needs_server_state = false, std::chrono::milliseconds linger_timeout = {}) {
   std::string error;
-  auto ctx = make_context(opts, policy, error);
+  auto ctx = make_context(opts, policy, error, linger_timeout);
   if (!ctx) {
     res = failed(res, error);
     return std::nullopt;
@@ -264,12 +308,19 @@ std::optional<exchange> start(scenario_result& res, const options& opts, close_p
     res = failed(res, error);
     return std::nullopt;
   }
-  if (const int e = c->send_all(request(*ctx), opts.wait_limit)) {
+  const auto port = c->local_port();
+  std::optional<exchange> x{exchange{std::move(ctx), std::move(*c), port, {}, nullptr}};
+  if (opts.tls) {
+    x->tls = std::make_unique<tls_client>(x->client);
+    if (!x->tls->handshake(opts.wait_limit, error)) {
+      res = failed(res, error);
+      return std::nullopt;
+    }
+  }
+  if (const int e = send(*x, request(*x->ctx), opts)) {
     res = failed(res, "sending the request: " + errno_name(e));
     return std::nullopt;
   }
-  const auto port = c->local_port();
-  std::optional<exchange> x{exchange{std::move(ctx), std::move(*c), port, {}}};
   x->r.check_pattern = x->ctx->checks_pattern();
   return x;
 }
@@ -288,6 +339,7 @@ void finish(scenario_result& res, exchange& x, std::string_view our_action, cons
   res.status = r.status;
   res.intact = r.intact();
   res.client_end = r.end;
+  res.after_close_notify = r.after_close_notify;
   res.data_lost = !(r.complete() && r.intact());
 
   if (ctx.in_process()) {
@@ -306,8 +358,19 @@ void finish(scenario_result& res, exchange& x, std::string_view our_action, cons
   for (auto e : want.client_end) ends += (ends.empty() ? "" : " or ") + std::string(to_string(e));
   res.expected = fmt::format("{}; client ends with {}; server {}; TIME_WAIT {}", want.data_lost ? "data lost" : "safe",
                              ends, ctx.in_process() ? causes : "n/a", to_string(want.time_wait));
+  if (want.after_close_notify) res.expected += fmt::format(" (then {})", to_string(*want.after_close_notify));
+  if (want.tls_peer_end) res.expected += fmt::format("; TLS peer end {}", to_string(*want.tls_peer_end));
+  if (want.close_notify_sent) {
+    res.expected += fmt::format("; server close_notify {}", *want.close_notify_sent ? "sent" : "not sent");
+  }
 
-  expect(res, r.head_complete, "no response head");
+  expect(res, r.head_complete == want.response, want.response ? "no response head" : "a response arrived");
+  if (want.after_close_notify) {
+    expect(res, r.after_close_notify == want.after_close_notify,
+           fmt::format("after close_notify the TCP connection ended with {} (expected {})",
+                       r.after_close_notify ? to_string(*r.after_close_notify) : "nothing",
+                       to_string(*want.after_close_notify)));
+  }
   expect(res, res.data_lost == want.data_lost,
          fmt::format("verdict {} (expected {})", res.verdict(), want.data_lost ? "data lost" : "safe"));
   expect(res, std::find(want.client_end.begin(), want.client_end.end(), r.end) != want.client_end.end(),
@@ -321,6 +384,18 @@ void finish(scenario_result& res, exchange& x, std::string_view our_action, cons
              std::find(want.server_cause.begin(), want.server_cause.end(), res.server_report->cause) !=
                  want.server_cause.end(),
              fmt::format("server close_cause {} (expected {})", to_string(res.server_report->cause), causes));
+      const auto& t = res.server_report->tls;
+      if (want.tls_peer_end || want.close_notify_sent) expect(res, t.has_value(), "the report has no TLS facts");
+      if (t && want.tls_peer_end) {
+        expect(res, t->peer_end == *want.tls_peer_end,
+               fmt::format("server saw the TLS end as {} (expected {})", to_string(t->peer_end),
+                           to_string(*want.tls_peer_end)));
+      }
+      if (t && want.close_notify_sent) {
+        expect(res, t->close_notify_sent == *want.close_notify_sent,
+               fmt::format("server close_notify {} (expected {})", t->close_notify_sent ? "sent" : "not sent",
+                           *want.close_notify_sent ? "sent" : "not sent"));
+      }
     }
   }
   if (tw.holder != time_wait_holder::unknown || ctx.server_visible) {
@@ -346,8 +421,11 @@ scenario_result done(scenario_result res) {
 }
 
 // Reads the rest of the response, until the stream ends, then closes (FIN).
+// Over TLS, a server's close_notify is answered with ours first.
 void read_to_end_then_close(exchange& x, const options& opts) {
-  read_response(x.client, x.r, until_end, opts.wait_limit);
+  read(x, until_end, opts);
+  read_tcp_end(x, opts);
+  if (x.tls && x.r.end == read_end::close_notify) (void)x.tls->send_close_notify(opts.wait_limit);
   x.client.close();
 }
 
@@ -364,19 +442,25 @@ scenario_result client_closes_after_full_response(const options& opts, bool with
   scenario_result res =
       titled(with_rst ? 1 : 2,
              with_rst ? "client reads the whole response, then resets" : "client reads the whole response, then closes",
-             with_rst ? "client: RST (SO_LINGER 0) after the last byte" : "client: close() (FIN) after the last byte");
+             !with_rst  ? "client: close() (FIN) after the last byte"
+             : opts.tls ? "client: RST (SO_LINGER 0), no close_notify, after the last byte"
+                        : "client: RST (SO_LINGER 0) after the last byte");
   auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, false));
   if (!x) return res;
-  read_response(x->client, x->r, whole_body, opts.wait_limit);
+  read(*x, whole_body, opts);
   with_rst ? x->client.reset() : x->client.close();
   x->r.end = read_end::none;
-  finish(res, *x, with_rst ? "we sent RST" : "we sent FIN",
-         with_rst ? expectation{.client_end = {read_end::none},
-                                .server_cause = {close_cause::peer_reset_idle},
-                                .time_wait = time_wait_holder::none}
-                  : expectation{.client_end = {read_end::none},
-                                .server_cause = {close_cause::peer_fin_then_ours},
-                                .time_wait = time_wait_holder::client});
+  expectation want = with_rst ? expectation{.client_end = {read_end::none},
+                                            .server_cause = {close_cause::peer_reset_idle},
+                                            .time_wait = time_wait_holder::none}
+                              : expectation{.client_end = {read_end::none},
+                                            .server_cause = {close_cause::peer_fin_then_ours},
+                                            .time_wait = time_wait_holder::client};
+  if (opts.tls) {
+    want.tls_peer_end = tls_ending::reset;
+    want.close_notify_sent = false;
+  }
+  finish(res, *x, with_rst ? "we sent RST" : "we sent FIN", want);
   if (with_rst && x->ctx->in_process()) {
     const auto idle_resets = x->ctx->server->get().stats().snapshot().closed_by_cause[static_cast<std::size_t>(
         close_cause::peer_reset_idle)];
@@ -409,9 +493,12 @@ scenario_result server_closes_after_large_response(const options& opts, int numb
                                number == 4   ? "server closes at once with a pipelined request unread"
                                : number == 5 ? "the same, with the graceful close"
                                              : "server resets right after writing the response",
-                               number == 4   ? "server: fin_close (FIN + close) after Connection: close"
-                               : number == 5 ? "server: graceful (FIN, drain, peer FIN, close)"
-                                             : "server: abortive (SO_LINGER 0 + close)");
+                               !opts.tls     ? (number == 4   ? "server: fin_close (FIN + close) after Connection: close"
+                                                : number == 5 ? "server: graceful (FIN, drain, peer FIN, close)"
+                                                              : "server: abortive (SO_LINGER 0 + close)")
+                               : number == 4 ? "server: fin_close (close_notify, FIN, close)"
+                               : number == 5 ? "server: graceful (close_notify, FIN, drain through TLS, close)"
+                                             : "server: abortive (RST, no close_notify)");
   const close_policy policy = number == 4   ? close_policy::fin_close
                               : number == 5 ? close_policy::graceful
                                             : close_policy::abortive;
@@ -420,37 +507,53 @@ scenario_result server_closes_after_large_response(const options& opts, int numb
   const std::uint64_t size = unbufferable_size(opts.size);
   auto x = start(res, opts, policy, small_rcvbuf, request_bytes(size, true), true);
   if (!x) return res;
-  raw_client& c = x->client;
   response_read& r = x->r;
   // The head proves the server read the request: what we send now stays
   // unread in its kernel queue (the session is writing, and its write cannot
-  // complete until we read on).
-  read_response(c, r, 0, opts.wait_limit);
+  // complete until we read on). Over TLS, it is one record that OpenSSL on
+  // the server has not read either.
+  read(*x, 0, opts);
   if (with_pipelined) {
-    if (const int e = c.send_all(pipelined, opts.wait_limit)) return failed(res, "pipelining: " + errno_name(e));
-    if (!wait_acknowledged(c, opts.wait_limit)) return failed(res, "the pipelined bytes were never acknowledged");
+    if (const int e = send(*x, pipelined, opts)) return failed(res, "pipelining: " + errno_name(e));
+    if (!wait_acknowledged(x->client, opts.wait_limit))
+      return failed(res, "the pipelined bytes were never acknowledged");
   }
   // Stop `reserve` bytes short: the server's write completes (the rest fits
   // in its send queue) while most of it is still unsent when it closes.
   const std::uint64_t total = r.content_length.value_or(size);
   const std::uint64_t reserve = std::min<std::uint64_t>(std::uint64_t{1} << 20, total / 2);
-  read_response(c, r, total - reserve, opts.wait_limit);
+  read(*x, total - reserve, opts);
   const auto left = wait_server_left_established(x->ctx->server_port, x->port, opts.wait_limit);
   if (!left) return failed(res, "the server never closed (its write did not complete)");
   read_to_end_then_close(*x, opts);
-  finish(res, *x, "",
-         number == 5
-             ? expectation{.client_end = {read_end::eof},
-                           .server_cause = {close_cause::ours_then_peer_fin},
-                           .time_wait = time_wait_holder::server}
-             : expectation{.data_lost = true,
-                           .client_end = {read_end::reset},
-                           .server_cause = {number == 4 ? close_cause::local_fin_close : close_cause::local_abort},
-                           .time_wait = time_wait_holder::none});
+  expectation want =
+      number == 5 ? expectation{.client_end = {read_end::eof},
+                                .server_cause = {close_cause::ours_then_peer_fin},
+                                .time_wait = time_wait_holder::server}
+                  : expectation{.data_lost = true,
+                                .client_end = {read_end::reset},
+                                .server_cause = {number == 4 ? close_cause::local_fin_close : close_cause::local_abort},
+                                .time_wait = time_wait_holder::none};
+  if (opts.tls) {
+    // 5: the server's close_notify, its FIN, our close_notify (the drain's
+    // end). 4: the close_notify went out but the kernel's RST destroyed it
+    // with the rest. 6: no close_notify.
+    if (number == 5) {
+      want.client_end = {read_end::close_notify};
+      want.after_close_notify = read_end::eof;
+      want.tls_peer_end = tls_ending::close_notify;
+    }
+    want.close_notify_sent = number != 6;
+  }
+  finish(res, *x, "", want);
   if (res.server_report && number == 4) {
     expect(res, res.server_report->kernel_reset(), "the report does not say the kernel turned the close into a RST");
   }
-  if (res.server_report && number == 5) {
+  if (res.server_report && number == 5 && opts.tls) {
+    const std::uint64_t drained = res.server_report->tls ? res.server_report->tls->app_bytes_discarded : 0;
+    expect(res, drained == pipelined.size(),
+           fmt::format("server drained {} B in TLS (expected the {} B pipelined)", drained, pipelined.size()));
+  } else if (res.server_report && number == 5) {
     expect(res, res.server_report->bytes_discarded == pipelined.size(),
            fmt::format("server drained {} B (expected the {} B pipelined)", res.server_report->bytes_discarded,
                        pipelined.size()));
@@ -460,16 +563,23 @@ scenario_result server_closes_after_large_response(const options& opts, int numb
 
 // 7: rst_if_safe after the response: RST once SIOCOUTQ is 0.
 scenario_result server_resets_when_safe(const options& opts) {
-  scenario_result res =
-      titled(7, "server resets once everything is acknowledged", "server: rst_if_safe (RST when SIOCOUTQ = 0)");
+  scenario_result res = titled(7, "server resets once everything is acknowledged",
+                               opts.tls ? "server: rst_if_safe (close_notify, then RST when SIOCOUTQ = 0)"
+                                        : "server: rst_if_safe (RST when SIOCOUTQ = 0)");
   if (opts.target) return skipped(res, "needs the server's teardown policy: in-process only");
   auto x = start(res, opts, close_policy::rst_if_safe, 0, request_bytes(opts.size, true));
   if (!x) return res;
   read_to_end_then_close(*x, opts);  // in-process: the pattern is checked
-  finish(res, *x, "",
-         {.client_end = {read_end::reset},
-          .server_cause = {close_cause::safe_reset},
-          .time_wait = time_wait_holder::none});
+  expectation want{
+      .client_end = {read_end::reset}, .server_cause = {close_cause::safe_reset}, .time_wait = time_wait_holder::none};
+  if (opts.tls) {
+    // Every byte and the close_notify behind them, then the RST.
+    want.client_end = {read_end::close_notify};
+    want.after_close_notify = read_end::reset;
+    want.tls_peer_end = tls_ending::none;
+    want.close_notify_sent = true;
+  }
+  finish(res, *x, "", want);
   if (res.server_report) {
     expect(res, res.server_report->unacked_at_close == 0,
            fmt::format("reset with SIOCOUTQ {} (expected 0)", res.server_report->unacked_at_close));
@@ -513,6 +623,100 @@ scenario_result body_over_limit(const options& opts) {
   return done(res);
 }
 
+// ---- the scenarios over TLS (1, 4, 5, 6 and 7 are the plain ones) ----------
+
+// TLS 2: the clean end: the client reads everything, sends close_notify and
+// its FIN; the server answers with its own close_notify and FIN.
+scenario_result tls_client_sends_close_notify(const options& opts) {
+  scenario_result res = titled(2, "client reads the whole response, then ends TLS",
+                               "client: close_notify, then FIN, after the last byte");
+  auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, false));
+  if (!x) return res;
+  read(*x, whole_body, opts);
+  if (const int e = x->tls->send_close_notify_and_fin(opts.wait_limit)) {
+    return failed(res, "close_notify: " + errno_name(e));
+  }
+  read_to_end_then_close(*x, opts);  // the server's close_notify, then its FIN
+  finish(res, *x, "",
+         {.client_end = {read_end::close_notify},
+          .server_cause = {close_cause::peer_fin_then_ours},
+          .time_wait = time_wait_holder::client,
+          .after_close_notify = read_end::eof,
+          .tls_peer_end = tls_ending::close_notify,
+          .close_notify_sent = true});
+  if (res.server_report && res.server_report->tls) {
+    expect(res, res.server_report->tls->close_notify_received, "the server did not record the client's close_notify");
+  }
+  return done(res);
+}
+
+// TLS 3: a FIN without close_notify in the middle of a request body: the
+// server must not take it for the end of the request (or of the stream): its
+// report and its stats say `truncated`, and nothing is answered.
+scenario_result tls_client_stops_mid_body(const options& opts) {
+  scenario_result res = titled(3, "client stops halfway through its request body",
+                               "client: FIN, no close_notify, mid-body; server closes after");
+  constexpr std::uint64_t body_size = 64 * 1024;
+  std::string request = fmt::format(
+      "POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+      body_size);
+  request += reqresp::pattern(static_cast<std::size_t>(body_size / 2));
+  auto x = start(res, opts, close_policy::graceful, 0, [&](const context&) { return request; });
+  if (!x) return res;
+  x->client.shutdown_write();
+  read_to_end_then_close(*x, opts);
+  finish(res, *x, "",
+         {.data_lost = true,
+          .client_end = {read_end::close_notify},
+          .server_cause = {close_cause::peer_fin_then_ours},
+          .time_wait = time_wait_holder::client,
+          .response = false,
+          .after_close_notify = read_end::eof,
+          .tls_peer_end = tls_ending::truncated,
+          .close_notify_sent = true});
+  res.client_saw = fmt::format("sent {} of {} B, no answer, then close_notify + {}", body_size / 2, body_size,
+                               x->r.after_close_notify ? to_string(*x->r.after_close_notify) : "nothing");
+  if (x->ctx->in_process()) {
+    auto& server = *x->ctx->server;
+    const auto truncated =
+        server.get().stats().snapshot().tls_peer_end[static_cast<std::size_t>(tls_ending::truncated)];
+    expect(res, truncated == 1, fmt::format("server stats count {} truncated endings (expected 1)", truncated));
+    const auto requests = server.service().counters().requests.load();
+    expect(res, requests == 0, fmt::format("the server accepted {} requests (expected none)", requests));
+  }
+  return done(res);
+}
+
+// TLS 8: the client reads everything and the server's close_notify and FIN,
+// then never answers: no close_notify, no FIN, the socket left open. The
+// server's graceful close waits for it only as long as its linger bound.
+scenario_result tls_client_never_answers(const options& opts) {
+  scenario_result res = titled(
+      8, "client never answers the server's close_notify",
+      fmt::format("server: graceful, linger {:.0f} s; client: silent, socket open", seconds(silent_peer_linger)));
+  auto x = start(res, opts, close_policy::graceful, 0, request_bytes(opts.size, true), false, silent_peer_linger);
+  if (!x) return res;
+  read(*x, until_end, opts);
+  read_tcp_end(*x, opts);
+  // Nothing more from us: the server's report arrives (finish waits for it)
+  // with our socket still open.
+  finish(res, *x, "",
+         {.client_end = {read_end::close_notify},
+          .server_cause = {close_cause::linger_timeout},
+          .time_wait = time_wait_holder::none,
+          .after_close_notify = read_end::eof,
+          .tls_peer_end = tls_ending::none,
+          .close_notify_sent = true});
+  x->client.close();
+  res.client_saw += ", never answered";
+  if (res.server_report) {
+    expect(res, res.server_report->drain_time >= silent_peer_linger,
+           fmt::format("the server gave up after {:.3f} s (its bound is {:.0f} s)",
+                       seconds(res.server_report->drain_time), seconds(silent_peer_linger)));
+  }
+  return done(res);
+}
+
 std::uint64_t tcp_wmem_max() {
   std::ifstream in("/proc/sys/net/ipv4/tcp_wmem");
   std::uint64_t lo = 0, def = 0, hi = 0;
@@ -549,13 +753,17 @@ std::uint64_t unbufferable_size(std::uint64_t size) {
 }
 
 scenario_result run_scenario(int n, const options& opts) {
+  scenario_result res;
+  res.number = n;
+  if (opts.tls && opts.target) return failed(res, "the TLS scenarios run against the in-process server only");
+  // Over TLS, 2, 3 and 8 are scenarios of their own; the others carry over.
   switch (n) {
     case 1:
       return client_closes_after_full_response(opts, true);
     case 2:
-      return client_closes_after_full_response(opts, false);
+      return opts.tls ? tls_client_sends_close_notify(opts) : client_closes_after_full_response(opts, false);
     case 3:
-      return client_resets_mid_response(opts);
+      return opts.tls ? tls_client_stops_mid_body(opts) : client_resets_mid_response(opts);
     case 4:
     case 5:
     case 6:
@@ -563,20 +771,19 @@ scenario_result run_scenario(int n, const options& opts) {
     case 7:
       return server_resets_when_safe(opts);
     case 8:
-      return client_half_closes(opts);
+      return opts.tls ? tls_client_never_answers(opts) : client_half_closes(opts);
     case 9:
-      return body_over_limit(opts);
+      if (!opts.tls) return body_over_limit(opts);
+      break;
     default:
       break;
   }
-  scenario_result res;
-  res.number = n;
   return failed(res, "no such scenario");
 }
 
 std::vector<scenario_result> run_all(const options& opts) {
   std::vector<scenario_result> out;
-  for (int n = 1; n <= scenario_count; ++n) out.push_back(run_scenario(n, opts));
+  for (int n = 1; n <= scenarios_in(opts); ++n) out.push_back(run_scenario(n, opts));
   return out;
 }
 

@@ -25,6 +25,15 @@
 //   stops, waits until the server's socket has left ESTABLISHED (sock_diag:
 //   the server closed or sent its FIN), and only then reads the rest.
 //
+// With `tls`, eight scenarios over TLS instead (a throwaway self-signed
+// certificate made on first use, closewise-reqresp's session behind
+// server_options::tls, the demo's raw OpenSSL client): how the server tells
+// a client's FIN without close_notify mid-request (truncated) from a clean
+// close_notify, the same RST and lingering-close rules one layer down (the
+// pipelined request unread, now a TLS record; the forced RST after the whole
+// response), a client that never answers close_notify, and what the
+// abortive close leaves the client.
+//
 // Thread-safety: scenarios run one at a time; each owns its sockets and server.
 
 #include <chrono>
@@ -49,6 +58,8 @@ struct options {
   std::uint64_t size = std::uint64_t{4} << 20;  ///< the multi-megabyte response
   /// Bound of every wait (a recv, a TCP state, a close report).
   std::chrono::milliseconds wait_limit{10000};
+  /// The TLS scenarios instead of the plain ones (in-process only).
+  bool tls = false;
 };
 
 /// Who ends up holding TIME_WAIT, as sock_diag lists it.
@@ -69,9 +80,10 @@ struct scenario_result {
   int status = 0;                    ///< HTTP status the client read (0: none)
   bool intact = false;               ///< every byte received matched the pattern (or was not checked)
   read_end client_end = read_end::none;
-  std::string client_saw;                     ///< the client's story in a few words
-  std::optional<close_report> server_report;  ///< in-process only
-  std::string server_saw;                     ///< close_cause and what the report adds
+  std::optional<read_end> after_close_notify;  ///< over TLS: how TCP ended after the server's close_notify
+  std::string client_saw;                      ///< the client's story in a few words
+  std::optional<close_report> server_report;   ///< in-process only (over TLS, with its `tls` facts)
+  std::string server_saw;                      ///< close_cause and what the report adds
   time_wait_holder time_wait = time_wait_holder::unknown;
   std::string time_wait_detail;  ///< the TIME_WAIT cell
   bool data_lost = false;        ///< the verdict: data lost (true) or safe
@@ -85,8 +97,14 @@ struct scenario_result {
 };
 
 inline constexpr int scenario_count = 9;
+inline constexpr int tls_scenario_count = 8;
+/// How many scenarios `opts` runs: scenario_count, or tls_scenario_count with `tls`.
+constexpr int scenarios_in(const options& opts) noexcept { return opts.tls ? tls_scenario_count : scenario_count; }
+/// The server's linger timeout in the TLS scenario whose client never
+/// answers close_notify: the bound the server's close must keep.
+inline constexpr std::chrono::milliseconds silent_peer_linger{1000};
 
-/// Runs scenario `n` (1..scenario_count).
+/// Runs scenario `n` (1..scenarios_in(opts)).
 scenario_result run_scenario(int n, const options& opts);
 /// Runs them all, in order.
 std::vector<scenario_result> run_all(const options& opts);

@@ -85,6 +85,30 @@ TEST(demo_binary, json_run_exits_0_and_bad_flags_exit_2) {
   }
 }
 
+// closewise-demo --tls: every TLS row as expected, as the binary prints it;
+// --tls with --target or a scenario past the TLS ones is a usage error.
+TEST(demo_binary, tls_run_exits_0_with_every_row_as_expected) {
+  child ok({CLOSEWISE_DEMO_BINARY, "--tls", "--json"});
+  ASSERT_TRUE(ok.started());
+  EXPECT_EQ(ok.wait(120s), 0) << ok.out() << ok.err();
+  EXPECT_NE(ok.out().find("\"tls\": true"), std::string::npos) << ok.out();
+  EXPECT_NE(ok.out().find("\"all_match\": true"), std::string::npos) << ok.out();
+  EXPECT_NE(ok.out().find("\"scenarios\": 8"), std::string::npos) << ok.out();
+  EXPECT_NE(ok.out().find("\"peer_end\": \"truncated\""), std::string::npos) << ok.out();
+  EXPECT_NE(ok.out().find("\"close_cause\": \"linger_timeout\""), std::string::npos) << ok.out();
+  child table({CLOSEWISE_DEMO_BINARY, "--tls", "--only", "3"});
+  ASSERT_TRUE(table.started());
+  EXPECT_EQ(table.wait(60s), 0) << table.out() << table.err();
+  EXPECT_NE(table.out().find("1 of 1 scenarios as expected"), std::string::npos) << table.out();
+  for (const std::vector<std::string>& bad : {std::vector<std::string>{"--tls", "--target", "127.0.0.1:1"},
+                                              std::vector<std::string>{"--tls", "--only", "9"}}) {
+    std::vector<std::string> args{CLOSEWISE_DEMO_BINARY};
+    args.insert(args.end(), bad.begin(), bad.end());
+    child c(args);
+    EXPECT_EQ(c.wait(10s), 2) << bad.front() << " " << bad.back();
+  }
+}
+
 // Against a server that closes with fin_close, the graceful scenario (5)
 // loses data: the demo prints the mismatch and exits 1.
 TEST(demo_binary, a_server_that_closes_badly_fails_the_demo) {

@@ -164,9 +164,11 @@ struct basic_tls_stream<NextLayer>::close_op {
     fin,           // our FIN is going out
     drain_start,   // (our FIN went out before)
     draining,      // reading through TLS for the peer's close_notify or FIN
+    peer_fin,      // reading the FIN that followed the peer's close_notify
     tcp_close,     // the TCP close finishes
   } stage = starting;
   std::chrono::steady_clock::time_point drain_started{};
+  bool exchange_complete = false;  // as the application left it before our close_notify
   std::uint64_t discarded = 0;
   std::unique_ptr<char[]> buf{};
   std::optional<stream_options> saved{};
@@ -191,6 +193,7 @@ struct basic_tls_stream<NextLayer>::close_op {
           return;
         }
         i.close_started = true;
+        i.record->close_began = std::chrono::steady_clock::now();
         if (tcp.report() || policy == close_policy::abortive || i.facts.handshake != tls_handshake::ok)
           return finish_tcp(self, policy);  // no TLS session to end, or RST: nothing to say in TLS
         if (i.app_read_in_flight) i.read_cancel.emit(asio::cancellation_type::terminal);
@@ -209,11 +212,7 @@ struct basic_tls_stream<NextLayer>::close_op {
         // peer that answers close_notify by closing does not cross our FIN
         // with its own (a simultaneous close leaves TIME_WAIT on both sides).
         if (policy != close_policy::rst_if_safe) i.cork();
-        // Graceful and fin_close send our FIN right behind close_notify: held
-        // back (TCP_CORK) until the FIN, they leave in one segment, so a
-        // peer that answers close_notify by closing does not cross our FIN
-        // with its own (a simultaneous close leaves TIME_WAIT on both sides).
-        if (policy != close_policy::rst_if_safe) i.cork();
+        exchange_complete = tcp.state().exchange_complete();
         stage = close_notify;
         i.send_close_notify(std::move(self));
         return;
@@ -221,7 +220,12 @@ struct basic_tls_stream<NextLayer>::close_op {
         i.close_notify_went();
         if (ec) return finish_tcp(self, policy);  // the write failed: the TCP report says why
         i.facts.close_notify_sent = true;
+        // close_notify is teardown, not an answer: the exchange the
+        // application marked complete stays complete (rst_if_safe needs it).
+        if (exchange_complete) tcp.mark_exchange_complete();
         return after_close_notify(self);
+      case peer_fin:
+        return finish_tcp(self, close_policy::graceful);
       case fin:
         if (ec) return finish_tcp(self, close_policy::graceful);
         [[fallthrough]];
@@ -279,8 +283,19 @@ struct basic_tls_stream<NextLayer>::close_op {
       if (i.unread_in_tls() == 0) return finish_tcp(self, policy);
       refusal = reset_refusal::unread_input;  // a RST would discard what OpenSSL holds
     }
-    if (i.facts.close_notify_received || tcp.state().read() != read_state::open)
-      return finish_tcp(self, close_policy::graceful);  // the peer ended its side already
+    if (i.facts.close_notify_received || tcp.state().read() != read_state::open) {
+      // The peer ended its side already. Its FIN may wait in the kernel behind
+      // its close_notify, which TLS read without reaching it: the TCP layer
+      // takes it first, or it would take our FIN for the first one.
+      if (tcp.state().read() == read_state::open && tcp.probe(probe_state).state == tcp_state::close_wait) {
+        stage = peer_fin;
+        buf = std::make_unique_for_overwrite<char[]>(drain_chunk);
+        const auto b = asio::buffer(buf.get(), drain_chunk);  // taken before `self` is moved
+        tcp.async_read_some(b, std::move(self));
+        return;
+      }
+      return finish_tcp(self, close_policy::graceful);
+    }
     if (tcp.state().write() == write_state::open) {
       stage = fin;
       tcp.async_shutdown_write(std::move(self));
@@ -330,6 +345,7 @@ struct basic_tls_stream<NextLayer>::close_op {
       tcp.set_options(o);
     }
     stage = tcp_close;
+    impl->record->tcp_close_began = std::chrono::steady_clock::now();
     tcp.async_close(p, std::move(self));
   }
 };

@@ -26,6 +26,11 @@ struct tls_record {
   tls_facts facts;
   bool in_message = false;   // plaintext arrived since the last mark_message_complete
   bool until_close = false;  // mark_message_until_close
+  // When our close began, and when it handed over to the TCP close (whose
+  // report counts drain_time from there): the TLS part (close_notify, the
+  // drain through TLS) belongs to the close's time too.
+  std::chrono::steady_clock::time_point close_began{};
+  std::chrono::steady_clock::time_point tcp_close_began{};
 
   // A FIN without close_notify: truncated unless the last message was complete.
   tls_ending bare_fin() const noexcept {
@@ -37,6 +42,8 @@ struct tls_record {
   // Fills in a TCP report's TLS facts.
   void finalize(close_report& r) const {
     r.tls = facts;
+    if (r.close_requested && close_began != std::chrono::steady_clock::time_point{} && tcp_close_began > close_began)
+      r.drain_time += tcp_close_began - close_began;
     if (facts.handshake == tls_handshake::ok && r.tls->peer_end == tls_ending::none && !facts.close_notify_received) {
       const bool peer_fin = r.first_fin == side::peer || r.cause == close_cause::ours_then_peer_fin ||
                             (r.cause == close_cause::server_drain && r.first_fin == side::local);
