@@ -241,6 +241,11 @@ void tls_peer::close() noexcept {
 }
 
 tls_peer::read_result tls_peer::read_all_plain(std::chrono::milliseconds limit) {
+  return read_plain_until([](const std::string&) { return false; }, limit);
+}
+
+tls_peer::read_result tls_peer::read_plain_until(const std::function<bool(const std::string&)>& enough,
+                                                 std::chrono::milliseconds limit) {
   read_result out;
   if (!ssl_) {
     out.end = peer_end::error;
@@ -252,6 +257,7 @@ tls_peer::read_result tls_peer::read_all_plain(std::chrono::milliseconds limit) 
     const int r = ::SSL_read(ssl_, buf, sizeof(buf));
     if (r > 0) {
       out.plain.append(buf, static_cast<std::size_t>(r));
+      if (enough(out.plain)) return out;
       continue;
     }
     const int e = ::SSL_get_error(ssl_, r);

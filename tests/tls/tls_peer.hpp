@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace closewise::test {
@@ -68,6 +69,10 @@ class tls_peer {
   /// Reads and decrypts until the other side's close_notify, FIN, RST or
   /// an error, or until `limit` passes.
   read_result read_all_plain(std::chrono::milliseconds limit);
+  /// The same, but it also returns (end: timeout) as soon as `enough` says
+  /// the plaintext read so far is enough (a whole response on a kept-alive
+  /// connection).
+  read_result read_plain_until(const std::function<bool(const std::string&)>& enough, std::chrono::milliseconds limit);
 
   int fd() const noexcept { return fd_; }
   const std::string& error() const noexcept { return error_; }
