@@ -120,7 +120,11 @@ std::uint64_t counter(const json& stats, const std::string& group, const std::st
 // of its own.
 class tls_server {
  public:
-  tls_server() {
+  // closewise-reqresp by default; `binary` and `args` run another server
+  // (closewise-echo) with the same certificate and flags.
+  explicit tls_server(std::string binary = CLOSEWISE_REQRESP_BINARY,
+                      std::vector<std::string> args = {"--max-bytes", std::to_string(2 * five_mb)})
+      : binary_(std::move(binary)), args_(std::move(args)) {
     const auto pem = closewise::make_self_signed_certificate("localhost");
     write_file(file("cert.pem"), pem.certificate);
     write_file(file("key.pem"), pem.private_key);
@@ -134,12 +138,12 @@ class tls_server {
 
   // Starts the server on 127.0.0.1 port 0 and reads its "listening on" line.
   ::testing::AssertionResult start() {
-    proc_ = std::make_unique<child>(
-        std::vector<std::string>{CLOSEWISE_REQRESP_BINARY, "--listen", "127.0.0.1:0", "--threads", "1", "--stats",
-                                 "--log-level", "warn", "--max-bytes", std::to_string(2 * five_mb), "--tls-cert",
-                                 file("cert.pem"), "--tls-key", file("key.pem")},
-        file("reqresp.log"));
-    if (!proc_->started()) return ::testing::AssertionFailure() << "cannot start " << CLOSEWISE_REQRESP_BINARY;
+    std::vector<std::string> argv{binary_,      "--listen",       "127.0.0.1:0", "--threads",
+                                  "1",          "--stats",        "--log-level", "warn",
+                                  "--tls-cert", file("cert.pem"), "--tls-key",   file("key.pem")};
+    argv.insert(argv.end(), args_.begin(), args_.end());
+    proc_ = std::make_unique<child>(argv, file("reqresp.log"));
+    if (!proc_->started()) return ::testing::AssertionFailure() << "cannot start " << binary_;
     const auto line = proc_->read_line(15s);
     if (!line || line->rfind("listening on 127.0.0.1:", 0) != 0) {
       proc_->wait(5s);
@@ -156,7 +160,7 @@ class tls_server {
   json stop() {
     proc_->signal(SIGTERM);
     const auto st = proc_->wait(30s);
-    EXPECT_EQ(st, 0) << "closewise-reqresp did not exit 0 after SIGTERM; its log:\n" << log();
+    EXPECT_EQ(st, 0) << binary_ << " did not exit 0 after SIGTERM; its log:\n" << log();
     std::string last;
     std::istringstream lines(proc_->out());
     for (std::string l; std::getline(lines, l);) {
@@ -173,6 +177,8 @@ class tls_server {
   std::string log() const { return read_file(file("reqresp.log")); }
 
  private:
+  std::string binary_;
+  std::vector<std::string> args_;
   temp_dir dir_;
   std::unique_ptr<child> proc_;
   std::uint16_t port_ = 0;
@@ -421,6 +427,51 @@ TEST(tls_interop_python, a_fin_without_close_notify_mid_request_is_truncated) {
 }
 
 // ---- plain HTTP to the TLS port --------------------------------------------
+
+// closewise-echo over TLS, against Python's ssl module: 64 KiB sent (what
+// the socket buffers hold while the client is not reading yet), then a TCP
+// half-close without close_notify; every byte comes back, then the server's
+// close_notify and FIN. An echo stream is framed by the end of the
+// connection, so the server counts the bare FIN as truncated.
+constexpr const char* python_echo_client = R"py(
+import socket, ssl, sys
+data = bytes(ord('a') + (i * 7 + i // 251) % 26 for i in range(65536))
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+raw = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=30)
+s = ctx.wrap_socket(raw, server_hostname='localhost')
+s.sendall(data)
+# A bare FIN under TLS: SSLSocket.shutdown would drop the TLS object, so
+# the FIN goes through a duplicate of the descriptor.
+dup = socket.fromfd(s.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+dup.shutdown(socket.SHUT_WR)
+dup.close()
+got = b''
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+print('echoed', len(got))
+print('match', 1 if got == data else 0)
+)py";
+
+TEST(tls_interop_echo, python_gets_every_byte_back_from_closewise_echo) {
+  CLOSEWISE_NEED_TOOL(python, "python3");
+  tls_server srv(CLOSEWISE_ECHO_BINARY, {});
+  ASSERT_TRUE(srv.start());
+  write_file(srv.file("echo.py"), python_echo_client);
+  const python_run run{run_tool({*python, srv.file("echo.py"), std::to_string(srv.port())}, 60s)};
+  ASSERT_TRUE(run.r.status.has_value()) << describe(run.r);
+  EXPECT_EQ(run.r.status, 0) << describe(run.r);
+  EXPECT_EQ(run.value("echoed"), "65536") << describe(run.r);
+  EXPECT_EQ(run.value("match"), "1") << describe(run.r);
+  const json stats = srv.stop();
+  EXPECT_EQ(counter(stats, "tls_handshakes", "ok"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_close_notify", "sent"), 1u) << stats.dump();
+  EXPECT_EQ(counter(stats, "tls_peer_end", "truncated"), 1u) << stats.dump();
+}
 
 // A plain HTTP request where a ClientHello belongs: the server answers a
 // plaintext 400 the client can read, then ends with a FIN (EOF, not a reset).
