@@ -927,15 +927,15 @@ def tls_markdown(data: dict, meta: dict, servers: list[str]) -> str:
            f"{meta['args']['tls_versions']}; a full handshake per connection (no resumption on either side); "
            "ECDSA P-256 certificate; one server thread/worker.", "",
            "| mode | server | rate | server CPU per cycle (µs) | rate / nginx | CPU per cycle / nginx | errors "
-           "| handshake failures | resumed |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| handshake failures | resumed | TIME_WAIT client / server |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode in meta["args"]["modes"]:
         ref = run_of(data["runs"], "nginx", mode)
         ref_cpu = median_cpu_us(ref)[0]
         for s in servers:
             r = run_of(data["runs"], s, mode)
             if not r:
-                out.append(f"| {mode} | {LABEL[s]} | – | – | – | – | – | – | – |")
+                out.append(f"| {mode} | {LABEL[s]} | – | – | – | – | – | – | – | – |")
                 continue
             cpu = median_cpu_us(r)[0]
             res = r["result"]
@@ -945,10 +945,26 @@ def tls_markdown(data: dict, meta: dict, servers: list[str]) -> str:
             out.append(f"| {mode} | {LABEL[s]} | {fmt_rate(r.get('rate'))} {r['unit']} | "
                        f"{'–' if cpu is None else f'{cpu:.1f}'} | {'–' if rr is None else f'{rr:.2f}'} | "
                        f"{'–' if cr is None else f'{cr:.2f}'} | {res['errors']['total']} | "
-                       f"{sum(t.get('handshake_failures', {}).values())} | {t.get('resumed', '–')} |")
-    out += ["", "## Server RSS per idle TLS connection", "", "| server | KiB per connection | note |", "|---|---:|---|"]
+                       f"{sum(t.get('handshake_failures', {}).values())} | {t.get('resumed', '–')} | "
+                       f"{res['time_wait']['client']:,} / {res['time_wait']['server']:,} |")
+    ref_kib = next((m.get("kib_per_connection") for m in data["memory"] if m["server"] == "nginx"), None)
+    out += ["", "## Server RSS per idle TLS connection", "",
+            f"{meta['args']['idle_connections']:,} connections held once their handshake is complete, nothing sent "
+            "after it; the server's RSS before and after, over the connections held.", "",
+            "| server | KiB per connection | / nginx | RSS before → after | held (TLS 1.3 / 1.2) | note |",
+            "|---|---:|---:|---:|---:|---|"]
     for m in data["memory"]:
-        out.append(f"| {LABEL[m['server']]} | {fmt_kib(m.get('kib_per_connection'))} | {m.get('why', '')} |")
+        res = m.get("result") or {}
+        t = res.get("tls") if isinstance(res.get("tls"), dict) else {}
+        neg = t.get("negotiated", {})
+        rr = ratio(m.get("kib_per_connection"), ref_kib)
+        rss = (f"{res['rss_before_kib']:,} → {res['rss_after_kib']:,} KiB"
+               if res.get("rss_before_kib") is not None and res.get("rss_after_kib") is not None else "–")
+        held = f"{res['opened']:,} ({neg.get('TLSv1.3', 0):,} / {neg.get('TLSv1.2', 0):,})" if res else "–"
+        note = m.get("why", "") or (f"closed by the server {res['closed_by_server']}, handshakes failed "
+                                    f"{t.get('handshake_failed', 0)}" if res else "")
+        out.append(f"| {LABEL[m['server']]} | {fmt_kib(m.get('kib_per_connection'))} | "
+                   f"{'–' if rr is None else f'{rr:.2f}'} | {rss} | {held} | {note} |")
     out += ["", "Server CPU per cycle is the server's CPU time over the run divided by its cycles (keepalive: "
             "requests); ratios are against nginx in the same run.", ""]
     return "\n".join(out)

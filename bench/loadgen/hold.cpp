@@ -2,6 +2,8 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <sys/epoll.h>
 #include <unistd.h>
 
@@ -11,12 +13,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "closewise/probe.hpp"
 #include "closewise/sock_diag.hpp"
 #include "response_parser.hpp"
+#include "tls_client.hpp"
 
 namespace closewise::bench {
 
@@ -31,27 +36,56 @@ struct fd_guard {
   }
 };
 
+struct ssl_free {
+  void operator()(SSL* s) const noexcept { ::SSL_free(s); }
+};
+using ssl_ptr = std::unique_ptr<SSL, ssl_free>;
+
+// A client SSL object over `fd`, with the run's SNI; null when OpenSSL fails.
+ssl_ptr new_client_ssl(SSL_CTX* ctx, int fd, const hold_config& cfg) {
+  ssl_ptr s{::SSL_new(ctx)};
+  if (!s || ::SSL_set_fd(s.get(), fd) != 1) return nullptr;
+  if (!cfg.tls_server_name.empty()) ::SSL_set_tlsext_host_name(s.get(), cfg.tls_server_name.c_str());
+  ::SSL_set_connect_state(s.get());
+  return s;
+}
+
 void close_rst(int fd) {
   const linger l{1, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof(l));
   ::close(fd);
 }
 
-// One whole exchange on a blocking socket; true when the response was whole.
-bool exchange(const hold_config& cfg) {
+// One whole exchange on a blocking socket (over TLS when `ctx` is given);
+// true when the response was whole.
+bool exchange(const hold_config& cfg, SSL_CTX* ctx) {
   fd_guard s{::socket(cfg.target.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0)};
   if (s.fd < 0) return false;
   timeval tv{2, 0};
   ::setsockopt(s.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   ::setsockopt(s.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   if (::connect(s.fd, reinterpret_cast<const sockaddr*>(&cfg.target), cfg.target_len) != 0) return false;
-  if (::send(s.fd, cfg.full_request.data(), cfg.full_request.size(), MSG_NOSIGNAL) !=
-      static_cast<ssize_t>(cfg.full_request.size()))
+  ssl_ptr tls;
+  if (ctx != nullptr) {
+    tls = new_client_ssl(ctx, s.fd, cfg);
+    ::ERR_clear_error();
+    if (!tls || ::SSL_connect(tls.get()) != 1) return false;
+  }
+  const std::string& req = cfg.full_request;
+  if (tls ? ::SSL_write(tls.get(), req.data(), static_cast<int>(req.size())) != static_cast<int>(req.size())
+          : ::send(s.fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size()))
     return false;
+  // TLS: close_notify reads as the end of the stream; any other failure as an error.
+  auto receive = [&](char* b, std::size_t len) -> ssize_t {
+    if (!tls) return ::recv(s.fd, b, len, 0);
+    const int k = ::SSL_read(tls.get(), b, static_cast<int>(len));
+    if (k > 0) return k;
+    return ::SSL_get_error(tls.get(), k) == SSL_ERROR_ZERO_RETURN ? 0 : -1;
+  };
   response_parser p;
   std::array<char, 16384> buf{};
   for (;;) {
-    const ssize_t n = ::recv(s.fd, buf.data(), buf.size(), 0);
+    const ssize_t n = receive(buf.data(), buf.size());
     if (n <= 0) return n == 0 && p.on_eof() == response_parser::status::complete;
     if (p.feed(buf.data(), static_cast<std::size_t>(n)).st != response_parser::status::need_more) break;
   }
@@ -99,8 +133,16 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
     if (progress) progress(s);
   };
 
+  std::optional<boost::asio::ssl::context> tls_context;
+  SSL_CTX* ctx = nullptr;
+  if (cfg.tls) {
+    tls_context.emplace(make_bench_client_context(cfg.tls_versions));
+    ctx = tls_context->native_handle();
+    ::SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);  // the client's own memory, not measured, kept small
+  }
+
   for (unsigned i = 0; i < cfg.warmup_requests; ++i) {
-    if (!exchange(cfg)) ++r.warmup_failed;
+    if (!exchange(cfg, ctx)) ++r.warmup_failed;
   }
   sleep_ms(200);
   r.rss_before_kib = read_rss_kib(cfg.server_pid);
@@ -109,9 +151,11 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
   if (ep.fd < 0) return r;
   std::vector<int> fds;  // connected (held) connections
   fds.reserve(cfg.connections);
+  std::vector<ssl_ptr> held_tls;  // TLS: the SSL object of fds[i]
   struct pending {
     int fd;
     clock::time_point since;
+    ssl_ptr tls;  // set once connected, while the handshake runs
   };
   std::vector<pending> connecting;  // small: bounded by max_in_flight
   constexpr std::size_t max_in_flight = 128;
@@ -150,32 +194,67 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
       ev.events = EPOLLOUT;
       ev.data.fd = fd;
       ::epoll_ctl(ep.fd, EPOLL_CTL_ADD, fd, &ev);
-      connecting.push_back({fd, clock::now()});
+      connecting.push_back({fd, clock::now(), nullptr});
     }
     const int n = ::epoll_wait(ep.fd, events.data(), static_cast<int>(events.size()), 10);
     for (int i = 0; i < n; ++i) {
       const int fd = events[static_cast<std::size_t>(i)].data.fd;
+      const auto ev = events[static_cast<std::size_t>(i)].events;
       for (std::size_t k = 0; k < connecting.size(); ++k) {
         if (connecting[k].fd != fd) continue;
-        connecting[k] = connecting.back();
+        pending p = std::move(connecting[k]);
+        connecting[k] = std::move(connecting.back());
         connecting.pop_back();
-        int err = 0;
-        socklen_t len = sizeof(err);
-        ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-        if (err != 0 || (events[static_cast<std::size_t>(i)].events & (EPOLLERR | EPOLLHUP)) != 0) {
-          ::close(fd);
-          ++r.failed;
-          break;
-        }
-        if (cfg.half_request && ::send(fd, cfg.partial_request.data(), cfg.partial_request.size(), MSG_NOSIGNAL) !=
-                                    static_cast<ssize_t>(cfg.partial_request.size())) {
+        auto drop = [&](bool handshake) {
           close_rst(fd);
           ++r.failed;
+          if (handshake) ++r.handshake_failed;
+        };
+        if (!p.tls) {
+          int err = 0;
+          socklen_t len = sizeof(err);
+          ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+          if (err != 0 || (ev & (EPOLLERR | EPOLLHUP)) != 0) {
+            ::close(fd);
+            ++r.failed;
+            break;
+          }
+          if (ctx != nullptr && !(p.tls = new_client_ssl(ctx, fd, cfg))) {
+            drop(true);
+            break;
+          }
+        }
+        if (p.tls) {
+          // One step of the handshake; until it completes, wait for what it asks.
+          ::ERR_clear_error();
+          const int rc = ::SSL_do_handshake(p.tls.get());
+          if (rc != 1) {
+            const int e = ::SSL_get_error(p.tls.get(), rc);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+              drop(true);
+              break;
+            }
+            epoll_event want{};
+            want.events = e == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+            want.data.fd = fd;
+            ::epoll_ctl(ep.fd, EPOLL_CTL_MOD, fd, &want);
+            connecting.push_back(std::move(p));
+            break;
+          }
+          ++(::SSL_version(p.tls.get()) == TLS1_3_VERSION ? r.tls13 : r.tls12);
+        }
+        const std::string& part = cfg.partial_request;
+        if (cfg.half_request &&
+            (p.tls
+                 ? ::SSL_write(p.tls.get(), part.data(), static_cast<int>(part.size())) != static_cast<int>(part.size())
+                 : ::send(fd, part.data(), part.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(part.size()))) {
+          drop(false);
           break;
         }
         // Watched again (for the server's FIN, RST or bytes) once all are open.
         ::epoll_ctl(ep.fd, EPOLL_CTL_DEL, fd, nullptr);
         fds.push_back(fd);
+        if (ctx != nullptr) held_tls.push_back(std::move(p.tls));
         break;
       }
     }
@@ -184,7 +263,8 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
       if (now - connecting[k].since > cfg.connect_timeout) {
         close_rst(connecting[k].fd);
         ++r.failed;
-        connecting[k] = connecting.back();
+        if (connecting[k].tls) ++r.handshake_failed;
+        connecting[k] = std::move(connecting.back());
         connecting.pop_back();
       } else {
         ++k;
@@ -229,11 +309,23 @@ hold_result run_hold(const hold_config& cfg, const hold_progress_fn& progress) {
     ::epoll_ctl(ep.fd, EPOLL_CTL_ADD, fd, &ev);
   }
   const auto hold_until = clock::now() + cfg.hold;
-  std::vector<char> seen(fds.empty() ? 1 : static_cast<std::size_t>(*std::max_element(fds.begin(), fds.end())) + 1, 0);
+  const std::size_t fd_end = fds.empty() ? 1 : static_cast<std::size_t>(*std::max_element(fds.begin(), fds.end())) + 1;
+  std::vector<char> seen(fd_end, 0);
+  std::vector<SSL*> tls_of(ctx != nullptr ? fd_end : 0, nullptr);
+  for (std::size_t k = 0; k < held_tls.size(); ++k) tls_of[static_cast<std::size_t>(fds[k])] = held_tls[k].get();
   do {
     const int n = ::epoll_wait(ep.fd, events.data(), static_cast<int>(events.size()), 10);
     for (int i = 0; i < n; ++i) {
       const int fd = events[static_cast<std::size_t>(i)].data.fd;
+      if (ctx != nullptr && (events[static_cast<std::size_t>(i)].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) == 0) {
+        // TLS: a record that carries no application data (a TLS 1.3 session
+        // ticket) leaves the connection idle; bytes, close_notify or an error do not.
+        SSL* t = tls_of[static_cast<std::size_t>(fd)];
+        std::array<char, 512> b{};
+        ::ERR_clear_error();
+        const int k = ::SSL_read(t, b.data(), static_cast<int>(b.size()));
+        if (k <= 0 && ::SSL_get_error(t, k) == SSL_ERROR_WANT_READ) continue;
+      }
       if (!seen[static_cast<std::size_t>(fd)]) {
         seen[static_cast<std::size_t>(fd)] = 1;
         ++r.closed_by_server;

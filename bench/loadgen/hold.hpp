@@ -9,6 +9,12 @@
 // "After" is read once the server accepted every connection (its listener's
 // accept queue is empty, asked through sock_diag) and its RSS stopped moving.
 //
+// With TLS (hold_config::tls) a connection is held once its handshake is
+// complete (a full one: no session offered), and then sends nothing more
+// (idle) or half a request as TLS application data (half-request); the
+// warm-up exchanges are made over TLS too. The connections are reset at the
+// end, without close_notify.
+//
 // Thread-safety: single-threaded; call from one thread.
 
 #include <sys/socket.h>
@@ -17,6 +23,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+
+#include "engine.hpp"
 
 namespace closewise::bench {
 
@@ -32,7 +40,10 @@ struct hold_config {
   int server_pid = 0;                 ///< 0: no RSS reading
   unsigned warmup_requests = 200;     ///< whole exchanges before "before", so that lazily built server state exists
   std::chrono::milliseconds settle_max{5000};
-  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds connect_timeout{5000};  ///< TLS: connect and handshake together
+  bool tls = false;
+  tls_version_choice tls_versions = tls_version_choice::both;
+  std::string tls_server_name = "localhost";  ///< SNI (empty: none)
 };
 
 struct hold_result {
@@ -46,6 +57,9 @@ struct hold_result {
   std::size_t accept_queue_left = 0;   ///< connections the server had not accepted when "after" was read
   unsigned closed_by_server = 0;       ///< connections that saw a FIN, RST or bytes from the server while held
   double open_s = 0;                   ///< seconds to open them all
+  unsigned tls12 = 0;                  ///< TLS: held connections that negotiated TLS 1.2
+  unsigned tls13 = 0;                  ///< ... TLS 1.3
+  unsigned handshake_failed = 0;       ///< TLS: of `failed`, the handshakes that failed or timed out
 };
 
 /// Called while opening and holding: a line of progress.

@@ -26,6 +26,7 @@
 #include "closewise/tls.hpp"
 #include "engine.hpp"
 #include "histogram.hpp"
+#include "hold.hpp"
 #include "response_parser.hpp"
 
 namespace {
@@ -391,6 +392,20 @@ class tls_server {
     boost::asio::post(ioc_, [this] { ioc_.stop(); });
     thread_.join();
   }
+  closewise::bench::hold_config hold(bool half_request) const {
+    const auto ep = acceptor_.local_endpoint();
+    closewise::bench::hold_config h;
+    std::memcpy(&h.target, ep.data(), ep.size());
+    h.target_len = static_cast<socklen_t>(ep.size());
+    h.port = ep.port();
+    h.tls = true;
+    h.half_request = half_request;
+    h.full_request = "GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    h.partial_request = "GET / HTTP/1.1\r\nHost: t\r\n";
+    h.connections = 20;
+    h.warmup_requests = 5;
+    return h;
+  }
   load_config config(mode m) const {
     const auto ep = acceptor_.local_endpoint();
     load_config c = config_for(ep.data(), ep.size(), m, std::chrono::seconds(5));
@@ -502,6 +517,22 @@ TEST(TlsEngineVersions, TwelveOnlyNegotiatesTwelve) {
   EXPECT_EQ(r.completed, 20u);
   EXPECT_EQ(r.tls.tls12, 20u);
   EXPECT_EQ(r.tls.resumed, 0u);
+}
+
+// The memory modes over TLS: every connection held has completed a full
+// handshake, the warm-up exchanges are whole TLS exchanges, and the server
+// (which waits for a request, or for the rest of one) closes none.
+TEST(TlsHold, HeldConnectionsHaveCompletedTheirHandshake) {
+  for (const bool half_request : {false, true}) {
+    tls_server srv;
+    const auto r = closewise::bench::run_hold(srv.hold(half_request), nullptr);
+    EXPECT_EQ(r.opened, 20u) << "half_request " << half_request;
+    EXPECT_EQ(r.failed, 0u);
+    EXPECT_EQ(r.handshake_failed, 0u);
+    EXPECT_EQ(r.warmup_failed, 0u);
+    EXPECT_EQ(r.tls13, 20u);
+    EXPECT_EQ(r.closed_by_server, 0u);
+  }
 }
 
 // A plain HTTP server on the TLS client's port: every handshake fails, and

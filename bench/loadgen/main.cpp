@@ -3,8 +3,8 @@
 // Cycle modes (client-fin, client-rst, server-close, keepalive) report the
 // rate of whole cycles, their latency, errors by class, and the sockets the
 // run left in TIME_WAIT on each side (sock_diag). Memory modes (idle,
-// half-request) hold N connections and report the server's RSS per
-// connection. See engine.hpp and hold.hpp for exactly what is measured.
+// half-request) hold N connections (with --tls: once their handshake is
+// complete) and report the server's RSS per connection. See engine.hpp and hold.hpp for exactly what is measured.
 //
 // Exit status: 0 when the run measured something (and, with --fail-on-error,
 // had no error), 1 otherwise or on a setup failure, 2 on a usage error.
@@ -325,8 +325,9 @@ int main(int argc, char** argv) {
   cli.add_flag("--no-progress", no_progress, "No live progress line (it is shown only on a terminal anyway)");
   cli.add_flag("--fail-on-error", fail_on_error, "Exit 1 when any cycle failed");
   cli.add_flag("--tls", tls,
-               "HTTPS (cycle modes): a full handshake per connection (no session resumption), and TLS ended as the "
-               "mode says; handshake failures and TLS errors counted by class");
+               "HTTPS: a full handshake per connection (no session resumption); cycle modes end TLS as the mode "
+               "says and count handshake failures and TLS errors by class; memory modes hold connections whose "
+               "handshake is complete");
   cli.add_option("--tls-versions", tls_versions, "--tls: the versions offered, 1.2 | 1.3 | both")
       ->check(CLI::IsMember({"1.2", "1.3", "both"}))
       ->capture_default_str();
@@ -372,10 +373,6 @@ int main(int argc, char** argv) {
   j["path"] = path;
   j["method"] = method;
 
-  if (tls && (mode_text == "idle" || mode_text == "half-request")) {
-    std::cerr << name << ": error: --tls is for the cycle modes (see " << name << " --help)\n";
-    return app::exit_usage;
-  }
   if (mode_text == "idle" || mode_text == "half-request") {
     cb::hold_config hc;
     hc.target = target.addr;
@@ -388,6 +385,11 @@ int main(int argc, char** argv) {
     hc.hold = app::seconds(hold_s);
     hc.server_pid = server_pid;
     hc.warmup_requests = warmup_requests;
+    hc.tls = tls;
+    hc.tls_versions = tls_versions == "1.2"   ? cb::tls_version_choice::tls12
+                      : tls_versions == "1.3" ? cb::tls_version_choice::tls13
+                                              : cb::tls_version_choice::both;
+    hc.tls_server_name = tls_server_name;
     const cb::hold_result r = cb::run_hold(hc, [&](const std::string& s) { live.show(s); });
     live.clear();
     j["connections"] = connections;
@@ -404,13 +406,23 @@ int main(int argc, char** argv) {
     j["accept_queue_left"] = r.accept_queue_left;
     j["closed_by_server"] = r.closed_by_server;
     j["hold_s"] = hold_s;
+    if (tls) {
+      j["tls"] = {{"versions_offered", tls_versions},
+                  {"negotiated", {{"TLSv1.2", r.tls12}, {"TLSv1.3", r.tls13}}},
+                  {"handshake_failed", r.handshake_failed}};
+    }
     j["load_average"] = {{"start", load_start}, {"end", load_average()}};
 
-    std::cout << name << " " << app::version() << ": " << mode_text << " against " << target_text << ", "
-              << grouped(connections) << " connections\n";
+    std::cout << name << " " << app::version() << ": " << mode_text << (tls ? " over TLS" : "") << " against "
+              << target_text << ", " << grouped(connections) << " connections\n";
     std::cout << "  opened " << grouped(r.opened) << " (failed " << r.failed << ") in " << fixed(r.open_s, 2)
               << " s; server side ESTABLISHED " << grouped(r.server_established) << ", not yet accepted "
               << r.accept_queue_left << ", closed by the server " << r.closed_by_server << "\n";
+    if (tls) {
+      std::cout << "  tls (" << tls_versions << " offered): full handshakes held " << grouped(r.tls12 + r.tls13)
+                << " (TLSv1.3 " << grouped(r.tls13) << ", TLSv1.2 " << grouped(r.tls12) << "), handshakes failed "
+                << r.handshake_failed << "\n";
+    }
     if (r.rss_after_kib >= 0) {
       std::cout << "  server RSS " << grouped(static_cast<std::uint64_t>(r.rss_before_kib)) << " KiB -> "
                 << grouped(static_cast<std::uint64_t>(r.rss_after_kib)) << " KiB: " << fixed(r.kib_per_connection, 2)

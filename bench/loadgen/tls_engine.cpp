@@ -25,6 +25,7 @@
 #include "closewise/tls.hpp"
 #include "coordinator.hpp"
 #include "response_parser.hpp"
+#include "tls_client.hpp"
 
 namespace closewise::bench {
 
@@ -38,17 +39,6 @@ using detail::control;
 using detail::live_counters;
 using detail::now_ns;
 using detail::phase;
-
-asio::ssl::context make_context(const load_config& cfg) {
-  tls_context_options o;
-  o.versions = cfg.tls_versions == tls_version_choice::tls12   ? tls_versions::tls12_only
-               : cfg.tls_versions == tls_version_choice::tls13 ? tls_versions::tls13_only
-                                                               : tls_versions::tls12_and_13;
-  asio::ssl::context ctx = make_client_context({}, o);
-  ::SSL_CTX_set_session_cache_mode(ctx.native_handle(), SSL_SESS_CACHE_OFF);
-  ::SSL_CTX_set_options(ctx.native_handle(), SSL_OP_NO_TICKET);
-  return ctx;
-}
 
 // A connection: the socket until it is connected, then the TLS stream over it.
 struct connection {
@@ -439,8 +429,20 @@ class tls_worker {
 
 }  // namespace
 
+asio::ssl::context make_bench_client_context(tls_version_choice versions) {
+  tls_context_options o;
+  o.versions = versions == tls_version_choice::tls12   ? tls_versions::tls12_only
+               : versions == tls_version_choice::tls13 ? tls_versions::tls13_only
+                                                       : tls_versions::tls12_and_13;
+  asio::ssl::context ctx = make_client_context({}, o);
+  ::SSL_CTX_set_session_cache_mode(ctx.native_handle(), SSL_SESS_CACHE_OFF);
+  ::SSL_CTX_set_options(ctx.native_handle(), SSL_OP_NO_TICKET);
+  return ctx;
+}
+
 load_result run_tls_load(const load_config& cfg, const progress_fn& progress) {
-  asio::ssl::context ctx = make_context(cfg);  // SSL_CTX is shared safely by the threads' SSL objects
+  asio::ssl::context ctx =
+      make_bench_client_context(cfg.tls_versions);  // SSL_CTX is shared safely by the threads' SSL objects
   return detail::coordinate(cfg, progress, [&](control& ctl, live_counters& live, unsigned share) {
     return std::make_unique<tls_worker>(cfg, ctx, ctl, live, share);
   });
