@@ -74,14 +74,7 @@ struct basic_tls_stream<NextLayer>::read_op {
       i.app_read_in_flight = false;
       i.facts.app_bytes_in += n;
       if (n > 0) i.in_message = true;
-      if (ec == asio::error::eof) {
-        i.facts.close_notify_received = true;
-        i.record->peer_ended(tls_ending::close_notify);
-      } else if (ec == asio::ssl::error::stream_truncated) {
-        i.record->peer_ended(i.bare_fin());
-      } else if (ec == asio::error::connection_reset) {
-        i.record->peer_ended(tls_ending::reset);
-      }
+      i.read_ended(ec);
       i.op_done();
     }
     self.complete(ec, n);
@@ -242,14 +235,7 @@ struct basic_tls_stream<NextLayer>::close_op {
           if (discarded > tcp.options().max_discard_bytes) return finish_tcp(self, close_policy::graceful, false, true);
           return read_more(self);
         }
-        if (ec == asio::error::eof) {
-          i.facts.close_notify_received = true;
-          i.record->peer_ended(tls_ending::close_notify);
-        } else if (ec == asio::ssl::error::stream_truncated) {
-          i.record->peer_ended(i.bare_fin());
-        } else if (ec == asio::error::connection_reset) {
-          i.record->peer_ended(tls_ending::reset);
-        }
+        i.read_ended(ec);
         return finish_tcp(self, close_policy::graceful, i.timer_fired && ec == asio::error::operation_aborted);
       case second:
         return complete_now(self);

@@ -146,6 +146,18 @@ struct tls_stream_impl {
         ::setsockopt(ssl.next_layer().lowest_layer().native_handle(), IPPROTO_TCP, TCP_CORK, &one, sizeof(one)));
   }
 
+  // A TLS read ended with `ec`: what it says of the peer's ending.
+  void read_ended(const error_code& ec) {
+    if (ec == asio::error::eof) {
+      facts.close_notify_received = true;
+      record->peer_ended(tls_ending::close_notify);
+    } else if (ec == asio::ssl::error::stream_truncated) {
+      record->peer_ended(bare_fin());
+    } else if (ec == asio::error::connection_reset) {
+      record->peer_ended(tls_ending::reset);
+    }
+  }
+
   // Input OpenSSL holds that no read has taken: decrypted (SSL_pending) or
   // records not yet processed (its read BIO).
   std::size_t unread_in_tls() noexcept {
