@@ -61,7 +61,9 @@ void apply(asio::ssl::context& ctx, const tls_context_options& o, bool server) {
     fail("setting the protocol versions");
   ::SSL_CTX_set_options(c, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
   ::SSL_CTX_clear_options(c, SSL_OP_IGNORE_UNEXPECTED_EOF);  // a bare FIN must stay visible
-  ::SSL_CTX_set_mode(c, SSL_MODE_RELEASE_BUFFERS);
+  // No chain built from the trust store at every handshake: the chain sent
+  // is the one the certificate file holds (nginx sets the same).
+  ::SSL_CTX_set_mode(c, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
   if (o.alpn_http11) {
     if (server) {
       ::SSL_CTX_set_alpn_select_cb(c, select_http11, nullptr);

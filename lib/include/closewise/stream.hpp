@@ -251,6 +251,16 @@ class basic_stream {
         read_op<MutableBufferSequence>{impl_, buffers}, token, impl_->next);
   }
 
+  /// Completes once a read would not wait (input, the peer's FIN or an
+  /// error is there), holding no buffer meanwhile: a layer above (TLS) takes
+  /// its record buffer only then, so an idle connection holds none. The same
+  /// clock (idle or read timeout, then asio::error::timed_out), cancellation
+  /// and refusal after a close as async_read_some; reads nothing.
+  template <class CompletionToken>
+  auto async_wait_readable(CompletionToken&& token) {
+    return asio::async_compose<CompletionToken, void(error_code)>(wait_readable_op{impl_}, token, impl_->next);
+  }
+
   /// Writes some bytes. After our FIN the kernel answers EPIPE
   /// (docs/design.md, 'Kernel experiments', row 5).
   /// Inside the completion handler, `state()` still counts this write as in
@@ -294,6 +304,7 @@ class basic_stream {
   struct read_op;
   template <class Buffers>
   struct write_op;
+  struct wait_readable_op;
   struct shutdown_op;
   struct close_op;
 

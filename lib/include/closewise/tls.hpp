@@ -2,8 +2,8 @@
 // closewise::basic_tls_stream: TLS over closewise::basic_stream, with a
 // teardown whose every wait is bounded and whose every ending is explained.
 //
-// Layering: OpenSSL through Asio's `ssl::stream`, whose next layer is a
-// closewise `basic_stream`. The TCP facts (FINs, RSTs, TIME_WAIT, bytes of
+// Layering: OpenSSL behind closewise's own record engine
+// (closewise/impl/tls_engine.hpp), over a closewise `basic_stream`. The TCP facts (FINs, RSTs, TIME_WAIT, bytes of
 // records) stay with the basic_stream's state machine; this layer adds what
 // only TLS knows: the handshake (bounded by a deadline), close_notify sent
 // and received, and how the peer ended the byte stream. One close report
@@ -25,7 +25,7 @@
 //   (in the kernel or in OpenSSL); otherwise graceful, with the reason.
 //
 // Thread-safety: as basic_stream, one stream on one executor at a time.
-// One read and one write may be outstanding at once, as with ssl::stream.
+// One read and one write may be outstanding at once.
 
 #include <openssl/bio.h>
 #include <openssl/ssl.h>
@@ -38,7 +38,7 @@
 
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
-#include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/ssl/stream_base.hpp>
 
 #include "closewise/report.hpp"
 #include "closewise/stream.hpp"
@@ -100,7 +100,6 @@ class basic_tls_stream {
 
  public:
   using tcp_stream_type = basic_stream<NextLayer>;
-  using ssl_stream_type = asio::ssl::stream<tcp_stream_type>;
   using executor_type = typename tcp_stream_type::executor_type;
 
   /// Wraps `socket` (connected, not yet shaken hands) in a basic_stream with
@@ -116,15 +115,13 @@ class basic_tls_stream {
   basic_tls_stream(const basic_tls_stream&) = delete;
   basic_tls_stream& operator=(const basic_tls_stream&) = delete;
 
-  executor_type get_executor() noexcept { return impl_->ssl.get_executor(); }
+  executor_type get_executor() noexcept { return impl_->tcp.get_executor(); }
   /// The closewise stream under TLS: its state machine, options and probes.
-  tcp_stream_type& tcp() noexcept { return impl_->ssl.next_layer(); }
-  const tcp_stream_type& tcp() const noexcept { return impl_->ssl.next_layer(); }
-  /// Asio's ssl::stream. Reading, writing or shutting it down directly
-  /// bypasses this layer's record of the TLS facts.
-  ssl_stream_type& ssl() noexcept { return impl_->ssl; }
+  tcp_stream_type& tcp() noexcept { return impl_->tcp; }
+  const tcp_stream_type& tcp() const noexcept { return impl_->tcp; }
   /// OpenSSL's connection object (certificate, cipher, session queries).
-  SSL* native_handle() noexcept { return impl_->ssl.native_handle(); }
+  /// Reading, writing or shutting it down directly bypasses this layer.
+  SSL* native_handle() noexcept { return impl_->engine.native_handle(); }
   /// The half-close state machine of the TCP connection.
   const connection_state& state() const noexcept { return tcp().state(); }
   std::uint64_t id() const noexcept { return tcp().id(); }
@@ -137,7 +134,7 @@ class basic_tls_stream {
   /// sent without a session).
   template <class CompletionToken>
   auto async_handshake(asio::ssl::stream_base::handshake_type type, CompletionToken&& token) {
-    return asio::async_compose<CompletionToken, void(error_code)>(handshake_op{impl_, type}, token, impl_->ssl);
+    return asio::async_compose<CompletionToken, void(error_code)>(handshake_op{impl_, type}, token, impl_->tcp);
   }
 
   /// Reads some plaintext. asio::error::eof: the peer's close_notify.
@@ -145,23 +142,22 @@ class basic_tls_stream {
   template <class MutableBufferSequence, class CompletionToken>
   auto async_read_some(const MutableBufferSequence& buffers, CompletionToken&& token) {
     return asio::async_compose<CompletionToken, void(error_code, std::size_t)>(
-        read_op<MutableBufferSequence>{impl_, buffers}, token, impl_->ssl);
+        read_op<MutableBufferSequence>{impl_, buffers}, token, impl_->tcp);
   }
 
   /// Writes some plaintext (one or more records).
   template <class ConstBufferSequence, class CompletionToken>
   auto async_write_some(const ConstBufferSequence& buffers, CompletionToken&& token) {
     return asio::async_compose<CompletionToken, void(error_code, std::size_t)>(
-        write_op<ConstBufferSequence>{impl_, buffers}, token, impl_->ssl);
+        write_op<ConstBufferSequence>{impl_, buffers}, token, impl_->tcp);
   }
 
   /// Ends our output: close_notify (once), then our FIN, once the writes in
-  /// flight completed (the caller's to ensure, as with any ssl::stream
-  /// shutdown). Reads go on until the peer ends its side (TLS 1.3
+  /// flight completed (the caller's to ensure). Reads go on until the peer ends its side (TLS 1.3
   /// half-close; a TLS 1.2 peer may answer with its own close_notify).
   template <class CompletionToken>
   auto async_shutdown_write(CompletionToken&& token) {
-    return asio::async_compose<CompletionToken, void(error_code)>(shutdown_op{impl_}, token, impl_->ssl);
+    return asio::async_compose<CompletionToken, void(error_code)>(shutdown_op{impl_}, token, impl_->tcp);
   }
 
   /// The message in progress is complete by its own framing (a whole
@@ -183,7 +179,7 @@ class basic_tls_stream {
   /// (it completes with operation_aborted); a write in flight finishes first.
   template <class CompletionToken>
   auto async_close(close_policy policy, CompletionToken&& token) {
-    return asio::async_compose<CompletionToken, void(close_report)>(close_op{impl_, policy}, token, impl_->ssl);
+    return asio::async_compose<CompletionToken, void(close_report)>(close_op{impl_, policy}, token, impl_->tcp);
   }
 
   /// The close report with its TLS facts, once the connection finished.

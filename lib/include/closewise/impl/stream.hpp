@@ -67,6 +67,49 @@ struct basic_stream<NextLayer>::read_op {
 };
 
 template <class NextLayer>
+struct basic_stream<NextLayer>::wait_readable_op {
+  std::shared_ptr<impl_type> impl;
+  enum { starting, waiting, posted } stage = starting;
+  error_code posted_ec{};
+
+  template <class Self>
+  void operator()(Self& self, error_code ec = {}) {
+    switch (stage) {
+      case starting:
+        stage = posted;
+        if (impl->core.closing()) {
+          posted_ec = impl->read_refused();
+          asio::post(std::move(self));
+          return;
+        }
+        if (impl->preloaded_left() > 0 || impl->pending_socket_error) {
+          asio::post(std::move(self));  // a read takes them at once
+          return;
+        }
+        stage = waiting;
+        impl->app_read_in_flight = true;
+        impl->app_read_started = std::chrono::steady_clock::now();
+        impl->start_watch(impl, true, impl->app_read_started);
+        if (auto slot = self.get_cancellation_state().slot(); slot.is_connected()) {
+          slot.assign([sig = &impl->read_cancel](asio::cancellation_type t) { sig->emit(t); });
+        }
+        impl->next.async_wait(asio::socket_base::wait_read,
+                              asio::bind_cancellation_slot(impl->read_cancel.slot(), std::move(self)));
+        return;
+      case waiting:
+        impl->app_read_in_flight = false;
+        impl->note_error(ec);
+        impl->stop_watch(true, ec);
+        self.complete(ec);
+        return;
+      case posted:
+        self.complete(posted_ec);
+        return;
+    }
+  }
+};
+
+template <class NextLayer>
 template <class Buffers>
 struct basic_stream<NextLayer>::write_op {
   std::shared_ptr<impl_type> impl;

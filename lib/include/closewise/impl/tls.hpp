@@ -17,20 +17,20 @@ struct basic_tls_stream<NextLayer>::handshake_op {
   std::chrono::steady_clock::time_point t0{};
 
   template <class Self>
-  void operator()(Self& self, error_code ec = {}) {
+  void operator()(Self& self, error_code ec = {}, std::size_t = 0) {
     auto& i = *impl;
     if (!started) {
       started = true;
       t0 = std::chrono::steady_clock::now();
       if (i.opts.handshake_timeout.count() > 0) i.arm_cut(impl, t0 + i.opts.handshake_timeout);
-      i.ssl.async_handshake(type, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+      i.async_handshake(type, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
       return;
     }
     i.timer.cancel();
     i.facts.handshake_time = std::chrono::steady_clock::now() - t0;
     if (!ec) {
       i.facts.handshake = tls_handshake::ok;
-      SSL* s = i.ssl.native_handle();
+      SSL* s = i.engine.native_handle();
       i.facts.version = ::SSL_get_version(s);
       const unsigned char* alpn = nullptr;
       unsigned int alpn_len = 0;
@@ -67,7 +67,7 @@ struct basic_tls_stream<NextLayer>::read_op {
       }
       // A copy taken before `self` (and the `buffers` in it) is moved into the binder.
       const Buffers b = buffers;
-      i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
+      i.async_read_some(b, asio::bind_cancellation_slot(i.read_cancel.slot(), std::move(self)));
       return;
     }
     if (i.app_read_in_flight) {
@@ -98,7 +98,7 @@ struct basic_tls_stream<NextLayer>::write_op {
         return;
       }
       ++i.writes_in_flight;
-      i.ssl.async_write_some(buffers, std::move(self));
+      i.async_write_some(buffers, std::move(self));
       return;
     }
     --i.writes_in_flight;
@@ -114,7 +114,7 @@ struct basic_tls_stream<NextLayer>::shutdown_op {
   enum { starting, close_notify, fin } stage = starting;
 
   template <class Self>
-  void operator()(Self& self, error_code ec = {}) {
+  void operator()(Self& self, error_code ec = {}, std::size_t = 0) {
     auto& i = *impl;
     switch (stage) {
       case starting:
@@ -124,19 +124,18 @@ struct basic_tls_stream<NextLayer>::shutdown_op {
         }
         if (i.facts.close_notify_sent) {
           stage = fin;
-          i.ssl.next_layer().async_shutdown_write(std::move(self));
+          i.tcp.async_shutdown_write(std::move(self));
           return;
         }
         i.cork();  // our FIN follows at once: one segment with close_notify (see close_op)
         stage = close_notify;
-        i.send_close_notify(std::move(self));
+        i.async_close_notify(std::move(self));
         return;
       case close_notify:
-        i.close_notify_went();
         if (ec) return self.complete(ec);
         i.facts.close_notify_sent = true;
         stage = fin;
-        i.ssl.next_layer().async_shutdown_write(std::move(self));
+        i.tcp.async_shutdown_write(std::move(self));
         return;
       case fin:
         self.complete(ec);
@@ -172,7 +171,7 @@ struct basic_tls_stream<NextLayer>::close_op {
   template <class Self>
   void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
     auto& i = *impl;
-    auto& tcp = i.ssl.next_layer();
+    auto& tcp = i.tcp;
     switch (stage) {
       case starting:
         if (i.close_started) {
@@ -207,10 +206,9 @@ struct basic_tls_stream<NextLayer>::close_op {
         if (policy != close_policy::rst_if_safe) i.cork();
         exchange_complete = tcp.state().exchange_complete();
         stage = close_notify;
-        i.send_close_notify(std::move(self));
+        i.async_close_notify(std::move(self));
         return;
       case close_notify:
-        i.close_notify_went();
         if (ec) return finish_tcp(self, policy);  // the write failed: the TCP report says why
         i.facts.close_notify_sent = true;
         // close_notify is teardown, not an answer: the exchange the
@@ -247,7 +245,7 @@ struct basic_tls_stream<NextLayer>::close_op {
   // The TCP close has its report.
   template <class Self>
   void operator()(Self& self, close_report r) {
-    auto& tcp = impl->ssl.next_layer();
+    auto& tcp = impl->tcp;
     if (saved) tcp.set_options(*saved);
     if (refusal != reset_refusal::none && r.refusal == reset_refusal::none) r.refusal = refusal;
     impl->finalize(r);
@@ -263,7 +261,7 @@ struct basic_tls_stream<NextLayer>::close_op {
   template <class Self>
   void after_close_notify(Self& self) {
     auto& i = *impl;
-    auto& tcp = i.ssl.next_layer();
+    auto& tcp = i.tcp;
     if (policy == close_policy::fin_close) return finish_tcp(self, policy);
     if (policy == close_policy::rst_if_safe) {
       if (i.unread_in_tls() == 0) return finish_tcp(self, policy);
@@ -294,7 +292,7 @@ struct basic_tls_stream<NextLayer>::close_op {
   // The first close completed: its report, posted (this may run inside the initiation).
   template <class Self>
   void complete_now(Self& self) {
-    auto r = impl->ssl.next_layer().report();
+    auto r = impl->tcp.report();
     close_report out = r ? *r : close_report{};
     impl->finalize(out);
     stage = tcp_close;
@@ -304,13 +302,13 @@ struct basic_tls_stream<NextLayer>::close_op {
   template <class Self>
   void read_more(Self& self) {
     auto& i = *impl;
-    const auto& o = i.ssl.next_layer().options();
+    const auto& o = i.tcp.options();
     auto at = std::chrono::steady_clock::now() + o.linger_timeout;
     at = std::min(at, drain_started + o.linger_max);
     i.arm_cut(impl, at);
     // Taken before `self` is moved into the binder: moved, its `buf` is null.
     const auto b = asio::buffer(buf.get(), drain_chunk);
-    i.ssl.async_read_some(b, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
+    i.async_read_some(b, asio::bind_cancellation_slot(i.cut.slot(), std::move(self)));
   }
 
   // Hands the connection to the TCP layer's close. After a TLS drain, the
@@ -319,7 +317,7 @@ struct basic_tls_stream<NextLayer>::close_op {
   // ends with a RST reported as linger_timeout or linger_limit.
   template <class Self>
   void finish_tcp(Self& self, close_policy p, bool timed_out = false, bool over_budget = false) {
-    auto& tcp = impl->ssl.next_layer();
+    auto& tcp = impl->tcp;
     if (stage == draining) {
       saved = tcp.options();
       stream_options o = *saved;

@@ -13,6 +13,8 @@
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "closewise/impl/tls_engine.hpp"
+
 namespace closewise {
 
 /// Classifies a failed handshake's error (OpenSSL's reason, or the socket's).
@@ -67,18 +69,24 @@ struct tls_stream_impl {
   using clock = std::chrono::steady_clock;
   using tcp_stream_type = basic_stream<NextLayer>;
 
-  tls_stream_impl(tcp_stream_type&& tcp, asio::ssl::context& ctx, tls_options o)
-      : ssl(std::move(tcp), ctx),
+  tls_stream_impl(tcp_stream_type&& t, asio::ssl::context& ctx, tls_options o)
+      : tcp(std::move(t)),
+        engine(ctx.native_handle()),
+        flush_done(tcp.get_executor()),
         opts(o),
         record(std::make_shared<tls_record>()),
-        timer(ssl.get_executor()),
-        idle(ssl.get_executor()),
-        done(ssl.get_executor()) {
+        timer(tcp.get_executor()),
+        idle(tcp.get_executor()),
+        done(tcp.get_executor()) {
     idle.expires_at(clock::time_point::max());
     done.expires_at(clock::time_point::max());
+    flush_done.expires_at(clock::time_point::max());
   }
 
-  asio::ssl::stream<tcp_stream_type> ssl;
+  tcp_stream_type tcp;
+  tls_engine engine;
+  bool flushing = false;          // an operation is writing records (tls_io_op)
+  asio::steady_timer flush_done;  // never expires; cancelled when a flush ends
   tls_options opts;
   std::shared_ptr<tls_record> record;
   tls_facts& facts = record->facts;
@@ -115,35 +123,71 @@ struct tls_stream_impl {
     });
   }
 
-  // Sends close_notify once without waiting for the peer's: with the peer's
-  // marked as received, SSL_shutdown sends ours and reports the shutdown
-  // complete, so ssl::stream writes it and stops. close_notify_went() takes
-  // the mark back, so reads still see the peer's.
-  template <class Handler>
-  void send_close_notify(Handler&& h) {
-    SSL* s = ssl.native_handle();
-    received_before_shutdown = (::SSL_get_shutdown(s) & SSL_RECEIVED_SHUTDOWN) != 0;
-    ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) | SSL_RECEIVED_SHUTDOWN);
-    ssl.async_shutdown(std::forward<Handler>(h));
+  // Runs one engine call to its end (tls_io_op).
+  template <class Call, class Token>
+  auto async_io(Call call, Token&& token) {
+    return asio::async_compose<Token, void(error_code, std::size_t)>(
+        tls_io_op<tls_stream_impl, Call>{this, std::move(call)}, token, tcp);
   }
-  void close_notify_went() noexcept {
-    SSL* s = ssl.native_handle();
-    if (!received_before_shutdown) ::SSL_set_shutdown(s, ::SSL_get_shutdown(s) & ~SSL_RECEIVED_SHUTDOWN);
+  template <class Token>
+  auto async_handshake(asio::ssl::stream_base::handshake_type type, Token&& token) {
+    return async_io([type](tls_engine& e) { return e.handshake(type); }, std::forward<Token>(token));
   }
-  bool received_before_shutdown = false;
+  // Reads into the first non-empty buffer of `buffers`, as Asio's ssl::stream does.
+  template <class Buffers, class Token>
+  auto async_read_some(const Buffers& buffers, Token&& token) {
+    asio::mutable_buffer first;
+    for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
+      if (asio::mutable_buffer b(*it); b.size() > 0) {
+        first = b;
+        break;
+      }
+    }
+    return async_io(
+        [first](tls_engine& e) { return first.size() == 0 ? tls_engine::step{} : e.read(first.data(), first.size()); },
+        std::forward<Token>(token));
+  }
+  // Encrypts up to max_write bytes of `buffers` into records and sends them
+  // in one write: several small buffers (a header and a body) become one
+  // record, where Asio's ssl::stream writes one buffer per operation.
+  static constexpr std::size_t max_write = 64 * 1024;
+  template <class Buffers, class Token>
+  auto async_write_some(const Buffers& buffers, Token&& token) {
+    return async_io(
+        [buffers](tls_engine& e) {
+          const std::size_t total = std::min(asio::buffer_size(buffers), max_write);
+          if (total == 0) return tls_engine::step{};
+          for (auto it = asio::buffer_sequence_begin(buffers); it != asio::buffer_sequence_end(buffers); ++it) {
+            const asio::const_buffer b(*it);
+            if (b.size() == 0) continue;
+            if (b.size() >= total) return e.write(b.data(), total);  // all of it in the first non-empty buffer
+            break;
+          }
+          auto staged = std::make_unique_for_overwrite<unsigned char[]>(total);
+          asio::buffer_copy(asio::buffer(staged.get(), total), buffers);
+          return e.write(staged.get(), total);
+        },
+        std::forward<Token>(token));
+  }
+  // Sends our close_notify once, without waiting for the peer's: Asio's own
+  // async_shutdown waits for it with no limit.
+  template <class Token>
+  auto async_close_notify(Token&& token) {
+    return async_io([](tls_engine& e) { return e.close_notify(); }, std::forward<Token>(token));
+  }
+
   // The peer's FIN without close_notify, as a read met it: `truncated` as
   // well when the FIN cut a record (OpenSSL holds the first bytes of one),
   // whatever the application marked: the peer had sent more than arrived.
   tls_ending bare_fin() noexcept {
-    return ::SSL_has_pending(ssl.native_handle()) == 1 ? tls_ending::truncated : record->bare_fin();
+    return ::SSL_has_pending(engine.native_handle()) == 1 ? tls_ending::truncated : record->bare_fin();
   }
 
   // TCP_CORK on the socket (a Unix socket refuses it, harmlessly): what is
   // written waits for the FIN, which pushes it out with it.
   void cork() noexcept {
     const int one = 1;
-    static_cast<void>(
-        ::setsockopt(ssl.next_layer().lowest_layer().native_handle(), IPPROTO_TCP, TCP_CORK, &one, sizeof(one)));
+    static_cast<void>(::setsockopt(tcp.lowest_layer().native_handle(), IPPROTO_TCP, TCP_CORK, &one, sizeof(one)));
   }
 
   // A TLS read ended with `ec`: what it says of the peer's ending.
@@ -158,13 +202,8 @@ struct tls_stream_impl {
     }
   }
 
-  // Input OpenSSL holds that no read has taken: decrypted (SSL_pending) or
-  // records not yet processed (its read BIO).
-  std::size_t unread_in_tls() noexcept {
-    SSL* s = ssl.native_handle();
-    BIO* rbio = ::SSL_get_rbio(s);
-    return static_cast<std::size_t>(::SSL_pending(s)) + (rbio ? ::BIO_ctrl_pending(rbio) : 0);
-  }
+  // Input OpenSSL holds that no read has taken: decrypted, or records not yet processed.
+  std::size_t unread_in_tls() const noexcept { return engine.unread(); }
 };
 
 }  // namespace detail
