@@ -161,20 +161,12 @@ asio::mutable_buffer tls_engine::input_space() {
   return asio::buffer(in_.get() + in_end_, input_capacity - in_end_);
 }
 
-void tls_engine::input_arrived(std::size_t n) noexcept {
-  hot_ = in_end_ + n == input_capacity;
-  in_end_ += n;
-}
+void tls_engine::input_arrived(std::size_t n) noexcept { in_end_ += n; }
 
 void tls_engine::release_input() noexcept {
   if (input_left() != 0) return;
   in_.reset();
   in_begin_ = in_end_ = 0;
-}
-
-bool tls_engine::wait_first() const noexcept {
-  // Half a record in OpenSSL: its rest is on its way, read at once.
-  return !hot_ && ::SSL_has_pending(ssl_) != 1;
 }
 
 std::size_t tls_engine::unread() const noexcept {

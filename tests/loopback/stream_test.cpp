@@ -771,6 +771,74 @@ TEST_P(stream_test, caller_cancellation_reaches_the_read) {
   EXPECT_FALSE(s.state().closing());
 }
 
+// read_some_now takes what the socket has, says would_block when it has
+// nothing (counting nothing), and meets the peer's FIN as a read does.
+TEST_P(stream_test, read_some_now_takes_what_is_there_and_never_waits) {
+  auto peer = factory_->connect();
+  auto s = factory_->accept();
+  char buf[64];
+  error_code ec;
+  EXPECT_EQ(s.read_some_now(asio::buffer(buf), ec), 0u);
+  EXPECT_EQ(ec, asio::error::would_block);
+  EXPECT_EQ(s.state().bytes_delivered(), 0u);
+  ASSERT_EQ(peer.send(std::string("hello")), 5);
+  ASSERT_TRUE(wait_unread(s, 5));
+  EXPECT_EQ(s.read_some_now(asio::buffer(buf), ec), 5u);
+  EXPECT_FALSE(ec) << ec.message();
+  EXPECT_EQ(std::string(buf, 5), "hello");
+  EXPECT_EQ(s.state().bytes_delivered(), 5u);
+  peer.shutdown_write();
+  for (int i = 0; i < 2000 && s.read_some_now(asio::buffer(buf), ec) == 0 && ec == asio::error::would_block; ++i)
+    std::this_thread::sleep_for(1ms);  // until the FIN is in our queue
+  EXPECT_EQ(ec, asio::error::eof);
+  EXPECT_EQ(s.state().read(), read_state::peer_fin);
+  EXPECT_EQ(s.state().write(), write_state::open);
+  const auto rep = close(s, close_policy::graceful);
+  EXPECT_EQ(rep.cause, close_cause::peer_fin_then_ours) << rep.describe();
+  EXPECT_EQ(rep.bytes_in, 5u);
+}
+
+// async_wait_readable completes when input arrives and reads none of it;
+// waiting for a new exchange, it is under the idle timeout as a read is;
+// after a close it is refused.
+TEST_P(stream_test, wait_readable_reads_nothing_and_keeps_the_read_clock) {
+  auto peer = factory_->connect();
+  stream_options o;
+  o.idle_timeout = 150ms;
+  o.read_timeout = 5s;
+  auto s = factory_->accept(o);
+  std::optional<error_code> waited;
+  const auto start = std::chrono::steady_clock::now();
+  s.async_wait_readable([&](error_code ec) { waited = ec; });
+  ASSERT_TRUE(run_until(ioc_, [&] { return waited.has_value(); }));
+  EXPECT_EQ(*waited, asio::error::timed_out);
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 150ms);
+
+  waited.reset();
+  s.async_wait_readable([&](error_code ec) { waited = ec; });
+  ioc_.poll();
+  EXPECT_FALSE(waited.has_value());
+  ASSERT_EQ(peer.send(std::string("abc")), 3);
+  ASSERT_TRUE(run_until(ioc_, [&] { return waited.has_value(); }));
+  EXPECT_FALSE(*waited) << waited->message();
+  EXPECT_EQ(s.state().bytes_delivered(), 0u);
+  EXPECT_EQ(read_exactly(s, 3).second, "abc");
+
+  waited.reset();
+  s.async_wait_readable([&](error_code ec) { waited = ec; });
+  std::optional<close_report> rep;
+  s.async_close(close_policy::graceful, [&](close_report r) { rep = std::move(r); });
+  ASSERT_TRUE(run_until(ioc_, [&] { return waited.has_value(); }));
+  EXPECT_EQ(*waited, asio::error::operation_aborted);  // the close took the read side over
+  peer.close();
+  ASSERT_TRUE(run_until(ioc_, [&] { return rep.has_value(); }));
+  EXPECT_EQ(rep->timeout, timeout_kind::idle);
+  waited.reset();
+  s.async_wait_readable([&](error_code ec) { waited = ec; });
+  ASSERT_TRUE(run_until(ioc_, [&] { return waited.has_value(); }));
+  EXPECT_TRUE(*waited);  // refused once the connection is over
+}
+
 // Per-operation timeouts: an idle peer, a peer stuck mid-request, a peer
 // that never reads. Each read or write fails with timed_out within its bound,
 // the connection stays usable for a policy close, and the report says which.

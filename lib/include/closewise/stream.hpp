@@ -251,6 +251,39 @@ class basic_stream {
         read_op<MutableBufferSequence>{impl_, buffers}, token, impl_->next);
   }
 
+  /// Reads what is there now, without waiting: the bytes, or 0 with
+  /// asio::error::would_block when nothing is. Otherwise as a completed
+  /// async_read_some: the same accounting, `eof` for the peer's FIN, the
+  /// same refusals after a close. For a layer above (TLS) that takes a
+  /// buffer only when there is input, and waits with async_wait_readable
+  /// when there is none. Not while an async_read_some is in flight.
+  template <class MutableBufferSequence>
+  std::size_t read_some_now(const MutableBufferSequence& buffers, error_code& ec) {
+    auto& i = *impl_;
+    ec = {};
+    if (i.core.closing()) {
+      ec = i.read_refused();
+      return 0;
+    }
+    if (i.preloaded_left() > 0) return i.take_preloaded(buffers);
+    if (i.pending_socket_error) {
+      ec = std::exchange(i.pending_socket_error, {});
+    } else {
+      // The socket's own non-blocking mode: Asio sets it for its first
+      // asynchronous operation anyway, and then does not set it again.
+      if (!i.next.non_blocking()) i.next.non_blocking(true, ec);
+      const std::size_t n = ec ? 0 : i.next.read_some(buffers, ec);
+      if (ec == asio::error::would_block || ec == asio::error::try_again) {
+        ec = asio::error::would_block;
+        return 0;
+      }
+      i.on_read(ec, n);
+      return n;
+    }
+    i.on_read(ec, 0);
+    return 0;
+  }
+
   /// Completes once a read would not wait (input, the peer's FIN or an
   /// error is there), holding no buffer meanwhile: a layer above (TLS) takes
   /// its record buffer only then, so an idle connection holds none. The same

@@ -7,13 +7,12 @@
 // stream and its engine's BIO pair two more, for the connection's whole
 // life. Here the only buffers are the ones records are passing through:
 //
-// - input: a record buffer taken when a read is due and given back once
-//   OpenSSL consumed it. When the last read left the socket empty (or
-//   something was just sent, so the answer is not there yet), the next read
-//   first waits for readability holding no buffer (basic_stream's
-//   async_wait_readable, with the read's clock), so an idle connection holds
-//   none; when the socket had more (the last read filled the buffer, or a
-//   record is half read), it reads at once.
+// - input: a record buffer taken when OpenSSL asks for input and given
+//   back once it consumed it. The read takes what the socket has now
+//   (basic_stream::read_some_now); when it has nothing, the buffer goes back
+//   and the operation waits for readability holding none
+//   (basic_stream::async_wait_readable, under the read's own clock), so an
+//   idle connection holds no buffer.
 // - output: what OpenSSL wrote during one call, moved out to be sent and
 //   freed when sent; several records (a response's header and body, a
 //   handshake flight, close_notify) leave in one write.
@@ -25,8 +24,10 @@
 #include <memory>
 #include <vector>
 
+#include <boost/asio/append.hpp>
 #include <boost/asio/buffer.hpp>
 #include <boost/asio/error.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/ssl/stream_base.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
@@ -67,7 +68,6 @@ class tls_engine {
   bool has_output() const noexcept { return !out_.empty(); }
   // Takes them to be sent (the vector's storage does not move with it).
   std::vector<unsigned char> take_output() noexcept;
-  void output_sent() noexcept { hot_ = false; }
 
   // The buffer the next network read fills (taken now if none is held).
   asio::mutable_buffer input_space();
@@ -77,8 +77,6 @@ class tls_engine {
   std::size_t input_left() const noexcept { return in_end_ - in_begin_; }
   // Gives the record buffer back if nothing is left in it.
   void release_input() noexcept;
-  // Whether the next read should wait for readability before it takes a buffer.
-  bool wait_first() const noexcept;
   // Bytes held back from the application: decrypted (SSL_pending) or records not yet processed.
   std::size_t unread() const noexcept;
   // The network read met the peer's FIN: an end authenticated by close_notify
@@ -98,7 +96,6 @@ class tls_engine {
   std::size_t in_begin_ = 0;
   std::size_t in_end_ = 0;
   bool role_set_ = false;
-  bool hot_ = true;  // the last read may have left more in the socket
 };
 
 // Runs one engine call to its end: writes what it wrote, reads what it
@@ -111,12 +108,17 @@ template <class Impl, class Call>
 struct tls_io_op {
   Impl* impl;  // kept alive by the operation that started this one
   Call call;
-  enum { calling, flushing, waiting_flush, waiting_input, reading } stage = calling;
+  enum { calling, flushing, waiting_flush, waiting_input, posted } stage = calling;
+  bool started = false;
   tls_engine::step last{};
   std::vector<unsigned char> sending{};
 
   template <class Self>
   void operator()(Self& self, error_code ec = {}, std::size_t n = 0) {
+    // The first call runs inside the initiating function: a result reached
+    // without waiting is posted, never delivered from there.
+    const bool initiating = !started;
+    started = true;
     auto& i = *impl;
     auto& e = i.engine;
     for (;;) {
@@ -140,49 +142,47 @@ struct tls_io_op {
             asio::async_write(i.tcp, b, std::move(self));
             return;
           }
-          return after_call(self);
+          if (!last.want_input) return finish(self, initiating, last.ec, last.n);
+          break;
         case flushing:
           i.flushing = false;
           i.flush_done.cancel();
           sending = {};
-          e.output_sent();
-          if (ec) return self.complete(ec, 0);
-          return after_call(self);
+          if (ec) return finish(self, initiating, ec, 0);
+          if (!last.want_input) return finish(self, initiating, last.ec, last.n);
+          break;
         case waiting_input:
-          if (ec) return self.complete(ec, 0);
-          stage = reading;
-          {
-            const auto b = e.input_space();
-            i.tcp.async_read_some(b, std::move(self));
-          }
-          return;
-        case reading:
-          if (ec) {
-            e.release_input();
-            return self.complete(ec == asio::error::eof ? e.end_of_stream() : ec, 0);
-          }
-          e.input_arrived(n);
-          stage = calling;
-          continue;
+          if (ec) return finish(self, initiating, ec, 0);
+          break;
+        case posted:
+          return self.complete(ec, n);
       }
+      // OpenSSL wants input: read what the socket has; wait for more
+      // holding no buffer.
+      const auto b = e.input_space();
+      error_code rec;
+      const std::size_t got = i.tcp.read_some_now(b, rec);
+      if (rec == asio::error::would_block) {
+        e.release_input();
+        stage = waiting_input;
+        i.tcp.async_wait_readable(std::move(self));
+        return;
+      }
+      if (rec) {
+        e.release_input();
+        return finish(self, initiating, rec == asio::error::eof ? e.end_of_stream() : rec, 0);
+      }
+      e.input_arrived(got);
+      stage = calling;
     }
   }
 
  private:
   template <class Self>
-  void after_call(Self& self) {
-    auto& i = *impl;
-    auto& e = i.engine;
-    if (!last.want_input) return self.complete(last.ec, last.n);
-    if (e.wait_first()) {
-      e.release_input();
-      stage = waiting_input;
-      i.tcp.async_wait_readable(std::move(self));
-      return;
-    }
-    stage = reading;
-    const auto b = e.input_space();
-    i.tcp.async_read_some(b, std::move(self));
+  void finish(Self& self, bool initiating, error_code ec, std::size_t n) {
+    if (!initiating) return self.complete(ec, n);
+    stage = posted;
+    asio::post(asio::append(std::move(self), ec, n));
   }
 };
 
