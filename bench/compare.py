@@ -307,7 +307,8 @@ def start_server(kind: str, bins: dict, ns: Namespaces, ns_name: str | None, bod
             argv += ["--max-connections", "20000", "--idle-timeout", "300", "--read-timeout", "300",
                      "--request-timeout", "300"]
         if tls:
-            argv += ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"])]
+            # No resumption, as nginx below (ssl_session_cache off, ssl_session_tickets off).
+            argv += ["--tls-cert", str(tls["cert"]), "--tls-key", str(tls["key"]), "--tls-no-tickets"]
         proc = subprocess.Popen(wrap(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         port = read_listening(proc)
         return Server(kind, proc, port, proc.pid, None)

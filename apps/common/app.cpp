@@ -68,6 +68,9 @@ void server_flags::add_to(CLI::App& cli) {
   cli.add_option("--tls-cert", tls_cert, "Serve TLS (1.2 and 1.3, ALPN http/1.1) with this PEM certificate chain")
       ->type_name("FILE");
   cli.add_option("--tls-key", tls_key, "The PEM private key of --tls-cert")->type_name("FILE");
+  cli.add_flag("--tls-no-tickets", tls_no_tickets,
+               "TLS: send no session tickets, so every handshake is full (resumption is otherwise by stateless "
+               "tickets; the server keeps no session cache either way)");
   cli.add_option("--handshake-timeout", handshake_timeout_s, "TLS: seconds a handshake may take in all (0: none)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
@@ -106,8 +109,11 @@ server_options server_flags::to_options() const {
   if (tls_cert.empty() != tls_key.empty())
     throw CLI::ValidationError("--tls-cert", "--tls-cert and --tls-key go together");
   o.tls_limits.handshake_timeout = seconds(handshake_timeout_s);
-  if (!tls_cert.empty())
-    o.tls = std::make_shared<asio::ssl::context>(make_server_context_from_files(tls_cert, tls_key));
+  if (!tls_cert.empty()) {
+    tls_context_options t;
+    t.session_tickets = !tls_no_tickets;
+    o.tls = std::make_shared<asio::ssl::context>(make_server_context_from_files(tls_cert, tls_key, t));
+  }
   return o;
 }
 

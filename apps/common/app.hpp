@@ -41,8 +41,9 @@ struct server_flags {
   bool final_state = false;
   bool print_stats = false;
   std::string stats_format = "json";
-  std::string tls_cert;  ///< PEM certificate chain: serve TLS (with tls_key)
-  std::string tls_key;   ///< PEM private key
+  std::string tls_cert;         ///< PEM certificate chain: serve TLS (with tls_key)
+  std::string tls_key;          ///< PEM private key
+  bool tls_no_tickets = false;  ///< no session tickets: every handshake full
   double handshake_timeout_s = 10.0;
 
   /// Registers the flags on `cli`.

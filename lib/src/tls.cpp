@@ -64,6 +64,13 @@ void apply(asio::ssl::context& ctx, const tls_context_options& o, bool server) {
   // No chain built from the trust store at every handshake: the chain sent
   // is the one the certificate file holds (nginx sets the same).
   ::SSL_CTX_set_mode(c, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN);
+  if (server) {
+    ::SSL_CTX_set_session_cache_mode(c, SSL_SESS_CACHE_OFF);
+    if (!o.session_tickets) {
+      ::SSL_CTX_set_options(c, SSL_OP_NO_TICKET);
+      if (::SSL_CTX_set_num_tickets(c, 0) != 1) fail("turning session tickets off");
+    }
+  }
   if (o.alpn_http11) {
     if (server) {
       ::SSL_CTX_set_alpn_select_cb(c, select_http11, nullptr);

@@ -144,6 +144,59 @@ TEST_P(tls_stream_test, abortive_sends_no_close_notify) {
   EXPECT_EQ(p.client->tls().peer_end, tls_ending::reset);
 }
 
+// Resumption: by default the server sends stateless tickets and a client
+// that offers one resumes; with session_tickets off it gets none, and its
+// second handshake is full again.
+TEST_P(tls_stream_test, session_tickets_resume_unless_turned_off) {
+  for (const bool tickets : {true, false}) {
+    tls_context_options so{GetParam(), true};
+    so.session_tickets = tickets;
+    asio::ssl::context server_ctx = make_server_context(pem(), so);
+    asio::ssl::context client_ctx = make_client_context(pem().certificate, {GetParam(), true});
+    SSL_SESSION* saved = nullptr;
+    for (int round = 0; round < 2; ++round) {
+      tcp::acceptor acceptor(ioc_, tcp::endpoint(asio::ip::address_v4::loopback(), 0));
+      tcp::socket c(ioc_);
+      c.connect(acceptor.local_endpoint());
+      tcp::socket s(ioc_);
+      acceptor.accept(s);
+      tls_stream server(std::move(s), server_ctx);
+      tls_stream client(std::move(c), client_ctx);
+      if (saved) {
+        ASSERT_EQ(::SSL_set_session(client.native_handle(), saved), 1);
+      }
+      std::optional<error_code> se, ce;
+      server.async_handshake(asio::ssl::stream_base::server, [&](error_code ec) { se = ec; });
+      client.async_handshake(asio::ssl::stream_base::client, [&](error_code ec) { ce = ec; });
+      ASSERT_TRUE(run_until(ioc_, [&] { return se && ce; }));
+      ASSERT_FALSE(*se) << se->message();
+      ASSERT_FALSE(*ce) << ce->message();
+      // One byte from the server: a TLS 1.3 client meets the tickets on the way to it.
+      std::optional<error_code> wrote, read;
+      char byte = 0;
+      asio::async_write(server, asio::buffer("x", 1), [&](error_code ec, std::size_t) { wrote = ec; });
+      asio::async_read(client, asio::buffer(&byte, 1), [&](error_code ec, std::size_t) { read = ec; });
+      ASSERT_TRUE(run_until(ioc_, [&] { return wrote && read; }));
+      ASSERT_FALSE(*read) << read->message();
+      EXPECT_EQ(byte, 'x');
+      if (round == 0) {
+        saved = ::SSL_get1_session(client.native_handle());
+        ASSERT_NE(saved, nullptr);
+        EXPECT_EQ(::SSL_SESSION_is_resumable(saved) == 1, tickets) << "tickets " << tickets;
+      } else {
+        EXPECT_EQ(::SSL_session_reused(client.native_handle()) == 1, tickets) << "tickets " << tickets;
+        EXPECT_EQ(::SSL_session_reused(server.native_handle()) == 1, tickets) << "tickets " << tickets;
+      }
+      // Graceful: OpenSSL takes a session that ended without close_notify for a bad one.
+      std::optional<close_report> sr, cr;
+      server.async_close(close_policy::graceful, [&](close_report r) { sr = std::move(r); });
+      client.async_close(close_policy::graceful, [&](close_report r) { cr = std::move(r); });
+      ASSERT_TRUE(run_until(ioc_, [&] { return sr && cr; }));
+    }
+    ::SSL_SESSION_free(saved);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(tls, tls_stream_test, ::testing::Values(tls_versions::tls12_only, tls_versions::tls13_only),
                          [](const auto& info) {
                            return std::string(info.param == tls_versions::tls12_only ? "tls12" : "tls13");

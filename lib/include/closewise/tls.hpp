@@ -71,6 +71,11 @@ struct tls_context_options {
   tls_versions versions = tls_versions::tls12_and_13;
   /// ALPN: a server selects `http/1.1` when the client offers it; a client offers it.
   bool alpn_http11 = true;
+  /// A server: session resumption through stateless tickets (TLS 1.3 session
+  /// tickets, TLS 1.2 RFC 5077 tickets, under a key the context makes). Off:
+  /// no ticket is sent and every handshake is full. Either way the server
+  /// keeps no session cache: its memory does not grow with past clients.
+  bool session_tickets = true;
 };
 
 /// A server context: the certificate chain and key, TLS 1.2 and 1.3 (or as

@@ -180,6 +180,7 @@ struct tls_io_op {
  private:
   template <class Self>
   void finish(Self& self, bool initiating, error_code ec, std::size_t n) {
+    impl->engine.release_input();  // if OpenSSL took all of it
     if (!initiating) return self.complete(ec, n);
     stage = posted;
     asio::post(asio::append(std::move(self), ec, n));
