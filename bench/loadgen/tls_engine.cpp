@@ -76,6 +76,11 @@ class tls_worker {
     stream_opts_.linger_max = ms;
     stream_opts_.write_timeout = ms;
     stream_opts_.probe_final_state = false;
+    // Nagle off from the second write on, as curl and browsers have it: the
+    // request follows the handshake's last flight at once, not after the
+    // server's ACK of it (which, when the server sends no session ticket,
+    // waits for the delayed-ACK timer).
+    stream_opts_.no_delay = true;
     tls_opts_.handshake_timeout = ms;
   }
   ~tls_worker() {
