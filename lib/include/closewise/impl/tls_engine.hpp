@@ -162,7 +162,7 @@ struct tls_io_op {
       const auto b = e.input_space();
       error_code rec;
       const std::size_t got = i.tcp.read_some_now(b, rec);
-      if (rec == asio::error::would_block) {
+      if (rec == asio::error::would_block || (!rec && got == 0)) {  // (never 0 bytes without an error)
         e.release_input();
         stage = waiting_input;
         i.tcp.async_wait_readable(std::move(self));
