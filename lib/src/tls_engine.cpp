@@ -86,13 +86,13 @@ long tls_engine::bio_ctrl(BIO* b, int cmd, long, void*) {
   }
 }
 
-tls_engine::step tls_engine::perform(int result) noexcept {
+tls_engine::step tls_engine::perform(int result, std::size_t moved) noexcept {
   const int err = ::SSL_get_error(ssl_, result);
   const unsigned long sys = ::ERR_get_error();
   step s;
   switch (err) {
     case SSL_ERROR_NONE:
-      s.n = result > 0 ? static_cast<std::size_t>(result) : 0;
+      s.n = moved;
       return s;
     case SSL_ERROR_WANT_READ:
       s.want_input = true;
@@ -100,11 +100,7 @@ tls_engine::step tls_engine::perform(int result) noexcept {
     case SSL_ERROR_ZERO_RETURN:
       s.ec = asio::error::eof;  // the peer's close_notify
       return s;
-    case SSL_ERROR_SYSCALL:
-      s.ec = sys != 0 ? error_code(static_cast<int>(sys), asio::error::get_ssl_category())
-                      : error_code(asio::ssl::error::unspecified_system_error);
-      return s;
-    default:  // SSL_ERROR_SSL, and SSL_ERROR_WANT_WRITE, which our BIO never asks for
+    default:  // SSL_ERROR_SSL, SSL_ERROR_SYSCALL, and SSL_ERROR_WANT_WRITE, which our BIO never asks for
       s.ec = sys != 0 ? error_code(static_cast<int>(sys), asio::error::get_ssl_category())
                       : error_code(asio::ssl::error::unspecified_system_error);
       return s;
@@ -120,26 +116,21 @@ tls_engine::step tls_engine::handshake(asio::ssl::stream_base::handshake_type ty
       ::SSL_set_connect_state(ssl_);
   }
   ::ERR_clear_error();
-  const int r = ::SSL_do_handshake(ssl_);
-  return perform(r);
+  return perform(::SSL_do_handshake(ssl_));
 }
 
 tls_engine::step tls_engine::read(void* data, std::size_t size) {
   ::ERR_clear_error();
   std::size_t got = 0;
   const int r = ::SSL_read_ex(ssl_, data, size, &got);
-  step s = perform(r);
-  if (r == 1) s.n = got;
-  return s;
+  return perform(r, got);
 }
 
 tls_engine::step tls_engine::write(const void* data, std::size_t size) {
   ::ERR_clear_error();
   std::size_t put = 0;
   const int r = ::SSL_write_ex(ssl_, data, size, &put);
-  step s = perform(r);
-  if (r == 1) s.n = put;
-  return s;
+  return perform(r, put);
 }
 
 tls_engine::step tls_engine::close_notify() {

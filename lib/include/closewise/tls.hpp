@@ -27,7 +27,6 @@
 // Thread-safety: as basic_stream, one stream on one executor at a time.
 // One read and one write may be outstanding at once.
 
-#include <openssl/bio.h>
 #include <openssl/ssl.h>
 
 #include <chrono>

@@ -84,7 +84,8 @@ class tls_engine {
   error_code end_of_stream() const noexcept;
 
  private:
-  step perform(int result) noexcept;
+  // What OpenSSL's call said (`result`), with the bytes it moved on success.
+  step perform(int result, std::size_t moved = 0) noexcept;
   static int bio_write(BIO* b, const char* data, int size);
   static int bio_read(BIO* b, char* data, int size);
   static long bio_ctrl(BIO* b, int cmd, long num, void* ptr);
