@@ -8,7 +8,7 @@ single-threaded epoll reference in bench/); drives each with closewise-bench
 in every mode (client-fin, client-rst, server-close, keepalive), cross-checks
 server-close and keepalive with wrk, measures the server's RSS per idle and
 per half-request connection, and writes bench/results/<date>/report.md,
-results.json and chart.svg.
+results.json, and chart.svg / chart.png (bench/chart.py, matplotlib).
 
 Every run gets a fresh server in a fresh network namespace (as root): its
 TIME_WAIT counts, ephemeral ports and TIME_WAIT table are its own, and a
@@ -25,7 +25,8 @@ mode over TLS with a full handshake per connection (closewise-bench --tls),
 then the server CPU per cycle and the throughput as ratios against nginx,
 and the RSS per idle TLS connection; report in report.md as well.
 
-Python 3 standard library only. Exit status: 0 when every run produced
+Python 3 standard library, and Debian's python3-matplotlib for the chart
+(installed with nginx-light and wrk). Exit status: 0 when every run produced
 figures (targets missed are reported, not failures), 1 otherwise, 2 on a
 usage error.
 """
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import re
@@ -672,86 +672,23 @@ def fmt_kib(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
-def svg_chart(data: dict, servers: list[str], path: Path, title: str) -> None:
-    runs, mem = data["runs"], data["memory"]
-    w, h = 1300, 480
-    top, bottom = 70, 380
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-             'font-family="DejaVu Sans, Arial, sans-serif" font-size="12">',
-             f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="20" y="26" font-size="16" font-weight="bold">{title}</text>']
+def chart_python() -> str | None:
+    """An interpreter that has matplotlib: this one, or Debian's (python3-matplotlib)."""
+    for exe in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+        if exe and Path(exe).exists() and subprocess.run([exe, "-c", "import matplotlib"],
+                                                         capture_output=True).returncode == 0:
+            return exe
+    return None
 
-    def nice_step(vmax: float) -> float:
-        raw = vmax / 4
-        mag = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1
-        for m in (1, 2, 2.5, 3, 5, 10):
-            if raw <= m * mag:
-                return m * mag
-        return 10 * mag
 
-    def panel(x0, width, groups, values, unit, note_fn, heading):
-        step = nice_step(max([v for v in values.values() if v] + [1e-9]) * 1.08)
-        vmax = step * 4
-        parts.append(f'<text x="{x0}" y="{top - 20}" font-size="13" font-weight="bold">{heading}</text>')
-        parts.append(f'<line x1="{x0}" y1="{bottom}" x2="{x0 + width}" y2="{bottom}" stroke="#333"/>')
-        for k in range(5):
-            v = step * k
-            y = bottom - (bottom - top) * k / 4
-            parts.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + width}" y2="{y:.1f}" stroke="#ddd"/>')
-            label = f"{v / 1000:g}k" if vmax >= 5000 else f"{v:g}"
-            parts.append(f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{label}</text>')
-        parts.append(f'<text x="{x0 - 40}" y="{(top + bottom) / 2:.0f}" transform="rotate(-90 {x0 - 40} '
-                     f'{(top + bottom) / 2:.0f})" text-anchor="middle" fill="#333">{unit}</text>')
-        gw = width / len(groups)
-        bw = min(46, (gw - 16) / max(1, len(servers)))
-        for gi, g in enumerate(groups):
-            gx = x0 + gi * gw + (gw - bw * len(servers)) / 2
-            for si, s in enumerate(servers):
-                v = values.get((s, g))
-                x = gx + si * bw
-                if v:
-                    bh = (bottom - top) * v / vmax
-                    parts.append(f'<rect x="{x:.1f}" y="{bottom - bh:.1f}" width="{bw - 4:.1f}" height="{bh:.1f}" '
-                                 f'fill="{COLOR[s]}"/>')
-                    txt = f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.2f}"
-                    parts.append(f'<text x="{x + (bw - 4) / 2:.1f}" y="{bottom - bh - 4:.1f}" text-anchor="middle" '
-                                 f'font-size="10">{txt}</text>')
-                note = note_fn(s, g)
-                if note:
-                    for li, line in enumerate(note):
-                        parts.append(f'<text x="{x + (bw - 4) / 2:.1f}" y="{bottom + 30 + 11 * li:.1f}" '
-                                     f'text-anchor="middle" font-size="9" fill="#444">{line}</text>')
-            parts.append(f'<text x="{x0 + gi * gw + gw / 2:.1f}" y="{bottom + 16}" text-anchor="middle" '
-                         f'font-weight="bold">{g}</text>')
-
-    def tw_note(s, g):
-        r = run_of(runs, s, g)
-        if r is None:
-            return None
-        tw = r["result"]["time_wait"]
-
-        def short(n):
-            return f"{n / 1000:.0f}k" if n >= 10000 else f"{n / 1000:.1f}k" if n >= 1000 else str(n)
-        return ["c " + short(tw["client"]), "s " + short(tw["server"])]
-
-    modes_td = [m for m in TEARDOWN_MODES if any(run_of(runs, s, m) for s in servers)]
-    vals = {(s, m): rate_of(runs, s, m) for s in servers for m in modes_td}
-    panel(80, 640, modes_td, vals, "connections/s", tw_note,
-          "Teardown throughput; under each bar the TIME_WAIT left: c client side, s server side")
-    if any(run_of(runs, s, "keepalive") for s in servers):
-        panel(810, 150, ["keepalive"], {(s, "keepalive"): rate_of(runs, s, "keepalive") for s in servers},
-              "requests/s", lambda s, g: None, "Keep-alive")
-    if mem:
-        mv = {(m["server"], m["mode"]): m["kib_per_connection"] for m in mem}
-        panel(1040, 230, ["idle", "half-request"], mv, "KiB per connection (RSS)", lambda s, g: None,
-              "Memory per connection")
-    lx = 80
-    for s in servers:
-        parts.append(f'<rect x="{lx}" y="{h - 28}" width="12" height="12" fill="{COLOR[s]}"/>')
-        parts.append(f'<text x="{lx + 16}" y="{h - 18}">{LABEL[s]}</text>')
-        lx += 190
-    parts.append("</svg>")
-    path.write_text("\n".join(parts) + "\n")
+def draw_chart(results_json: Path) -> str:
+    """bench/chart.py on the run's results.json: chart.svg and chart.png beside it."""
+    exe = chart_python()
+    if exe is None:
+        return "no chart: matplotlib is missing (apt-get install python3-matplotlib)"
+    r = subprocess.run([exe, str(ROOT / "bench" / "chart.py"), str(results_json)], capture_output=True, text=True,
+                       timeout=120)
+    return "chart.svg, chart.png" if r.returncode == 0 else f"no chart: bench/chart.py failed: {r.stderr[-300:]}"
 
 
 def markdown(data: dict, meta: dict, servers: list[str], targets: list[dict], agreement: list[dict]) -> str:
@@ -996,6 +933,7 @@ def nginx_path() -> str | None:
 
 def ensure_tools(args) -> dict:
     missing = ([] if nginx_path() else ["nginx-light"]) + ([] if shutil.which("wrk") else ["wrk"])
+    missing += [] if chart_python() else ["python3-matplotlib"]
     if missing and os.geteuid() == 0 and not args.no_install:
         say("installing " + " ".join(missing))
         subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=False, stdout=subprocess.DEVNULL)
@@ -1035,7 +973,7 @@ def main() -> int:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory runs")
     p.add_argument("--no-build", dest="build", action="store_false", help="use the binaries as they are")
     p.add_argument("--no-netns", dest="netns", action="store_false", help="run in the host's network namespace")
-    p.add_argument("--no-install", action="store_true", help="never apt-get install nginx-light / wrk")
+    p.add_argument("--no-install", action="store_true", help="never apt-get install nginx-light / wrk / python3-matplotlib")
     p.add_argument("--reqresp", help="path of a closewise-reqresp binary (default: found in build/)")
     p.add_argument("--max-busy", type=float, default=15.0,
                    help="before each run, wait while other processes use more than this %% of all cores")
@@ -1164,10 +1102,8 @@ def main() -> int:
                "elapsed_s": round((dt.datetime.now() - started).total_seconds(), 1)}
     (outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (outdir / "report.md").write_text(markdown(data, meta, available, targets, agreement))
-    svg_chart(data, available, outdir / "chart.svg",
-              f"closewise-bench, loopback, one server thread, client -t{args.threads} -c{args.connections} "
-              f"— {meta['date']}")
-    say(f"wrote {outdir / 'report.md'}, results.json, chart.svg in {results['elapsed_s']:.0f} s")
+    charted = draw_chart(outdir / "results.json")
+    say(f"wrote {outdir / 'report.md'}, results.json, {charted} in {results['elapsed_s']:.0f} s")
     print(outdir / "report.md")
     return 0
 

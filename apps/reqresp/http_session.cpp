@@ -355,7 +355,8 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
   std::optional<request_parser> parser;
   request_deadline deadline(io.get_executor(), o.request_timeout);
   bool first_request = true;
-  std::string head_buffer;  // every response's head, reused
+  std::string head_buffer;  // every response's head, reused: one allocation, not one per doubling
+  head_buffer.reserve(256);
   for (;;) {
     if (buffer.size() == 0) {
       // Between requests: the only place a drain may close the connection.

@@ -30,7 +30,8 @@ void server_state::start_drain() {
 // a new exchange, for the grace at least, with no input in the kernel either.
 void server_state::close_idle(worker& w) {
   const auto cutoff = clock::now() - opts.drain_idle_grace;
-  for (connection_impl* c : w.connections) {
+  for (connection_impl& conn : w.connections) {
+    connection_impl* c = &conn;
     if (!c->tcp().idle_since(cutoff)) continue;
     c->drained = true;
     c->tcp().note_server_drain();
@@ -46,7 +47,8 @@ void server_state::drain_pass(worker& w, clock::time_point deadline) {
   const auto now = clock::now();
   const bool force = now >= deadline;
   if (force) {
-    for (connection_impl* c : w.connections) {
+    for (connection_impl& conn : w.connections) {
+      connection_impl* c = &conn;
       if (c->tcp().state().closing()) continue;
       c->forced = true;
       forced.fetch_add(1, std::memory_order_relaxed);

@@ -26,6 +26,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/intrusive/list.hpp>
 
 #include "../stats_recorder.hpp"
 #include "closewise/server.hpp"
@@ -56,6 +57,13 @@ enum class session_start : std::uint8_t { serve, ready_timeout, idle_timeout, dr
 
 struct connection_impl;
 struct server_state;
+struct worker;
+
+// A worker's connections, linked through a hook in each connection_impl (no
+// node to allocate per connection). auto_unlink: a connection destroyed
+// while listed (the io_context destroying a session's frame) leaves the list
+// by itself, and a list destroyed first unlinks what it holds.
+using connection_hook = boost::intrusive::list_member_hook<boost::intrusive::link_mode<boost::intrusive::auto_unlink>>;
 
 // An accepted connection waiting for its input (server_options::start_on_input).
 struct parked_connection {
@@ -71,23 +79,6 @@ struct parked_connection {
   read_ahead ahead;                            // read so far, and what a read met (ECONNRESET): the stream's start
 };
 using parked_list = std::list<parked_connection>;
-
-struct worker {
-  asio::io_context ioc{1};
-  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard{ioc.get_executor()};
-  // Touched only on this worker's thread. Declared after the io_context, so
-  // destroyed before it: parked sockets deregister from a live reactor.
-  std::list<connection_impl*> connections;
-  asio::steady_timer drain_tick{ioc};
-  // Silent connections in order of arrival, and so of idle deadline; those
-  // with input that is not ready yet in order of their first byte, and so of
-  // ready deadline. One timer serves both lists.
-  parked_list parked;
-  parked_list partial;
-  asio::steady_timer park_timer{ioc};
-  clock::time_point park_timer_at = clock::time_point::max();  // max: not armed
-  std::unique_ptr<char[]> read_buffer;                         // server_options::input_limit, shared by all
-};
 
 struct connection_impl {
   connection_impl(stream s, peer_address p, clock::time_point since, server_state* srv, worker* w, close_policy policy)
@@ -109,7 +100,7 @@ struct connection_impl {
   server_state* owner;
   worker* home;
   close_policy policy;
-  std::list<connection_impl*>::iterator registration{};
+  connection_hook registration;  // in home->connections while its session runs
   // Queued writes (connection::send) and the writer draining them.
   std::list<std::string> queue;  // a list: empty costs nothing (a deque allocates ~600 B up front)
   std::size_t queued_bytes = 0;
@@ -141,6 +132,26 @@ struct connection_impl {
 
   // The session's and the observer's handle (connection's constructor is private).
   static connection handle(std::shared_ptr<connection_impl> c) { return connection(std::move(c)); }
+};
+
+struct worker {
+  asio::io_context ioc{1};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard{ioc.get_executor()};
+  // Touched only on this worker's thread. Declared after the io_context, so
+  // destroyed before it: parked sockets deregister from a live reactor.
+  boost::intrusive::list<
+      connection_impl, boost::intrusive::member_hook<connection_impl, connection_hook, &connection_impl::registration>,
+      boost::intrusive::constant_time_size<false>>
+      connections;
+  asio::steady_timer drain_tick{ioc};
+  // Silent connections in order of arrival, and so of idle deadline; those
+  // with input that is not ready yet in order of their first byte, and so of
+  // ready deadline. One timer serves both lists.
+  parked_list parked;
+  parked_list partial;
+  asio::steady_timer park_timer{ioc};
+  clock::time_point park_timer_at = clock::time_point::max();  // max: not armed
+  std::unique_ptr<char[]> read_buffer;                         // server_options::input_limit, shared by all
 };
 
 struct server_state : std::enable_shared_from_this<server_state> {

@@ -151,7 +151,7 @@ asio::awaitable<bool> shake_hands(server_state& srv, connection_impl& c) {
 asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, stream io, peer_address peer,
                                   session_start start, clock::time_point input_since) {
   auto c = std::make_shared<connection_impl>(std::move(io), peer, input_since, srv.get(), w, srv->opts.policy);
-  c->registration = w->connections.insert(w->connections.end(), c.get());
+  w->connections.push_back(*c);
   bool serve = start == session_start::serve || start == session_start::ready_timeout;
   if (serve && srv->opts.tls) serve = co_await shake_hands(*srv, *c);
   if (serve) {
@@ -177,7 +177,7 @@ asio::awaitable<void> run_session(std::shared_ptr<server_state> srv, worker* w, 
     if (!c->tcp().state().closing() && c->policy != close_policy::abortive) co_await wait_queue_below(*c, 0);
     co_await c->async_close(c->policy, use_tuple);
   }
-  w->connections.erase(c->registration);
+  c->registration.unlink();
   srv->connection_done(c, *c->report());
 }
 
