@@ -277,6 +277,19 @@ TEST(reqresp_readiness, drain_follows_the_delay_and_exits_0) {
 
 // ---- Socket activation ----
 
+// Connects to the Unix socket at `path` once something listens on it: the
+// file appears at bind(2), before listen(2).
+raw_peer connect_once_listening(const std::string& path) {
+  raw_peer p;
+  eventually(
+      [&] {
+        p = connect_unix(path);
+        return p.fd() >= 0;
+      },
+      10s);
+  return p;
+}
+
 // closewise-reqresp and closewise-echo under systemd-socket-activate on a Unix
 // socket of a fresh directory: --systemd finds the socket, serves on it and
 // drains on SIGTERM.
@@ -288,8 +301,7 @@ TEST(socket_activation, systemd_socket_activate_passes_a_unix_listener) {
     const std::string sock = dir.file("reqresp.sock");
     child c({*tool, "-l", sock, CLOSEWISE_REQRESP_BINARY, "--systemd", "--threads", "1", "--log-level", "warn"});
     ASSERT_TRUE(c.started());
-    ASSERT_TRUE(eventually([&] { return ::access(sock.c_str(), F_OK) == 0; }, 10s));
-    auto p = connect_unix(sock);  // the tool starts the server at the first connection
+    auto p = connect_once_listening(sock);  // the tool starts the server at the first connection
     ASSERT_GE(p.fd(), 0);
     const answer a = get(p.fd(), "/ready");
     EXPECT_EQ(a.status, 200) << a.error;
@@ -306,8 +318,7 @@ TEST(socket_activation, systemd_socket_activate_passes_a_unix_listener) {
     const std::string sock = dir.file("echo.sock");
     child c({*tool, "-l", sock, CLOSEWISE_ECHO_BINARY, "--systemd", "--threads", "1"});
     ASSERT_TRUE(c.started());
-    ASSERT_TRUE(eventually([&] { return ::access(sock.c_str(), F_OK) == 0; }, 10s));
-    auto p = connect_unix(sock);
+    auto p = connect_once_listening(sock);
     ASSERT_GE(p.fd(), 0);
     ASSERT_EQ(p.send(std::string("hello, activation")), 17);
     p.shutdown_write();
