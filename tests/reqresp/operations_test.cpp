@@ -175,8 +175,8 @@ struct delayed_server {
 };
 
 // SIGTERM with --drain-delay 30: /ready answers 503 from the signal on (the
-// first /ready sent after the server logged the signal, and in practice the
-// first after kill(2)), while GET / keeps being served with keep-alive; a
+// first /ready sent after the server logged the signal; in practice the
+// first or second after kill(2)), while GET / keeps being served with keep-alive; a
 // second SIGTERM drains at once: every client gets Connection: close, no
 // request fails, the process exits 0.
 TEST(reqresp_readiness, sigterm_turns_ready_503_first_and_serves_through_the_delay) {
