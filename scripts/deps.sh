@@ -6,8 +6,9 @@
 #   source scripts/deps.sh; closewise_deps build   # or source it and call the function
 #
 # build: what configuring and compiling needs. test: build + the tools the
-# loopback and fault tests drive (ss, nc, socat, curl, nft) and the reverse
-# proxy of the proxy tests (nginx-light). fuzz: build +
+# loopback and fault tests drive (ss, nc, socat, curl, nft), the reverse
+# proxy of the proxy tests (nginx-light) and systemd-socket-activate (systemd)
+# for the socket activation test. fuzz: build +
 # clang-14 and its runtimes (libFuzzer, ASan, UBSan) for scripts/fuzz.
 #
 # Environment:
@@ -19,9 +20,9 @@
 CLOSEWISE_BUILD_PACKAGES=(
   cmake ninja-build g++
   libboost1.81-dev libspdlog-dev libgtest-dev libgmock-dev libbenchmark-dev libcli11-dev nlohmann-json3-dev
-  libssl-dev
+  libssl-dev pkg-config libsystemd-dev
 )
-CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light openssl python3)
+CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light openssl python3 systemd)
 # scripts/fuzz: libFuzzer and the sanitizer runtimes come with clang's runtime package.
 CLOSEWISE_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev)
 

@@ -1,8 +1,12 @@
 #include "app.hpp"
 
+#include <systemd/sd-daemon.h>
+
 #include <csignal>
 #include <cstdio>
 #include <iostream>
+#include <stdexcept>
+#include <system_error>
 
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -74,6 +78,9 @@ void server_flags::add_to(CLI::App& cli) {
   cli.add_option("--handshake-timeout", handshake_timeout_s, "TLS: seconds a handshake may take in all (0: none)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  cli.add_flag("--systemd", systemd,
+               "Require listening sockets from systemd socket activation (LISTEN_FDS; fail if there are none). "
+               "Without it, sockets systemd passes are used when present, next to any --listen/--unix");
   cli.add_flag("--stats", print_stats, "Print the teardown statistics on exit (stdout)");
   cli.add_option("--stats-format", stats_format, "Format of --stats")
       ->check(CLI::IsMember({"json", "prometheus"}))
@@ -84,7 +91,6 @@ server_options server_flags::to_options() const {
   server_options o;
   o.listen = listen;
   o.unix_paths = unix_paths;
-  if (o.listen.empty() && o.unix_paths.empty()) o.listen = {"127.0.0.1:0"};
   for (const auto& l : o.listen) {
     try {
       (void)parse_endpoint(l);
@@ -92,6 +98,10 @@ server_options server_flags::to_options() const {
       throw CLI::ValidationError("--listen", e.what());
     }
   }
+  o.inherited_listeners = systemd_listeners();
+  if (systemd && o.inherited_listeners.empty())
+    throw std::runtime_error("--systemd: no listening sockets passed by systemd (LISTEN_FDS/LISTEN_PID)");
+  if (o.listen.empty() && o.unix_paths.empty() && o.inherited_listeners.empty()) o.listen = {"127.0.0.1:0"};
   o.threads = threads;
   if (!parse(teardown, o.policy)) throw CLI::ValidationError("--teardown", "unknown policy " + teardown);
   o.stream.linger_timeout = seconds(linger_timeout_s);
@@ -115,6 +125,14 @@ server_options server_flags::to_options() const {
     o.tls = std::make_shared<asio::ssl::context>(make_server_context_from_files(tls_cert, tls_key, t));
   }
   return o;
+}
+
+std::vector<int> systemd_listeners() {
+  const int n = sd_listen_fds(1);
+  if (n < 0) throw std::system_error(-n, std::generic_category(), "sd_listen_fds");
+  std::vector<int> fds;
+  for (int i = 0; i < n; ++i) fds.push_back(SD_LISTEN_FDS_START + i);
+  return fds;
 }
 
 void add_common_flags(CLI::App& cli, std::string& log_level) {

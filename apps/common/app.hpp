@@ -45,14 +45,24 @@ struct server_flags {
   std::string tls_key;          ///< PEM private key
   bool tls_no_tickets = false;  ///< no session tickets: every handshake full
   double handshake_timeout_s = 10.0;
+  bool systemd = false;  ///< --systemd: require listening sockets from systemd (LISTEN_FDS)
 
   /// Registers the flags on `cli`.
   void add_to(CLI::App& cli);
   /// Builds server options; throws CLI::ValidationError on bad values. With
   /// --tls-cert/--tls-key the TLS context is built here (a certificate or key
-  /// that cannot be loaded throws std::exception: a setup failure).
+  /// that cannot be loaded throws std::exception: a setup failure). Listening
+  /// sockets passed by systemd (socket activation) become inherited
+  /// listeners, next to any --listen/--unix; with --systemd and none passed
+  /// it throws std::runtime_error (a setup failure).
   server_options to_options() const;
 };
+
+/// The listening sockets systemd passed (LISTEN_FDS/LISTEN_PID, socket
+/// activation), from descriptor 3 on; none when the variables are absent or
+/// meant for another process. Unsets the variables, so that children do not
+/// take them for theirs. Throws std::system_error if sd_listen_fds fails.
+std::vector<int> systemd_listeners();
 
 /// Adds --log-level and --version (which prints "NAME VERSION" and exits 0).
 void add_common_flags(CLI::App& cli, std::string& log_level);

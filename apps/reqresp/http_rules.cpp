@@ -152,6 +152,8 @@ route_match match_route(http::verb method, std::string_view target, std::uint64_
     only(get, route::stats, "GET, HEAD");
   } else if (path == "/metrics") {
     only(get, route::metrics, "GET, HEAD");
+  } else if (path == "/ready") {
+    only(get, route::ready, "GET, HEAD");
   } else if (path == "/echo") {
     only(method == http::verb::post, route::echo, "POST");
   } else if (path.starts_with("/bytes/")) {

@@ -67,6 +67,7 @@ enum class route : std::uint8_t {
   echo,     ///< POST /echo : the request body back
   stats,    ///< GET /stats : teardown statistics, JSON
   metrics,  ///< GET /metrics : teardown statistics, Prometheus text
+  ready,    ///< GET /ready : 200 while the server is ready, 503 from SIGTERM on (--drain-delay, drain)
 };
 
 /// A request matched against the routes.

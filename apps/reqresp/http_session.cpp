@@ -232,10 +232,10 @@ std::string stats_text(const http_service& svc, route which) {
 }
 
 // Runs the route for an accepted request and writes the response. Returns the
-// write's error.
+// write's error. `ready`: what GET /ready answers (connection::ready).
 template <class Stream>
 asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& head_buffer, request& req,
-                                  bool keep_alive) {
+                                  bool keep_alive, bool ready) {
   const bool head = req.method() == http::verb::head;
   const route_match m = match_route(req.method(), std::string_view(req.target().data(), req.target().size()),
                                     svc.options().max_response_bytes);
@@ -266,6 +266,13 @@ asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& he
       const std::string body = stats_text(svc, *m.which);
       co_return co_await write_text(io, head_buffer, h, body, head);
     }
+    case route::ready:
+      // 503 from the signal on, while everything else is still served
+      // (--drain-delay): the load balancer's probe takes us out of rotation
+      // before the drain closes anything. In a drain keep_alive is false:
+      // Connection: close, as on every answer then.
+      if (!ready) h.status = http::status::service_unavailable;
+      co_return co_await write_text(io, head_buffer, h, ready ? "ready\n" : "not ready: shutting down\n", head);
     case route::root:
       break;
   }
@@ -434,7 +441,7 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
     const bool keep_alive = req.keep_alive() && !c.draining();
     closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
                                std::string_view(req.target()));
-    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive)) co_return;
+    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive, c.ready())) co_return;
     svc->counters().responses.fetch_add(1, std::memory_order_relaxed);
     // The requester has everything it asked for, unless a pipelined request
     // already waits in our buffer: then rst_if_safe must not call it complete.

@@ -2,9 +2,11 @@
 // closewise streams, whose server-initiated closes follow --teardown.
 //
 // Routes: GET / , GET /bytes/N, POST /echo, GET /stats (JSON), GET /metrics
-// (Prometheus). SIGTERM/SIGINT drain: stop accepting, answer requests in
-// progress with Connection: close, close idle keep-alive connections between
-// requests, exit.
+// (Prometheus), GET /ready (200, or 503 once shutting down). SIGTERM/SIGINT:
+// /ready answers 503 at once; after --drain-delay (a second signal skips it)
+// the drain: stop accepting, answer requests in progress with Connection:
+// close, close idle keep-alive connections between requests, exit. Listening
+// sockets passed by systemd (socket activation) are used when present.
 //
 // Exit status: 0 after a drain, 1 on a setup failure, 2 on a usage error.
 
@@ -39,6 +41,7 @@ int main(int argc, char** argv) {
   app::add_common_flags(cli, log_level);
   rr::http_options http;
   double request_timeout_s = 10.0;
+  double drain_delay_s = 0.0;
   cli.add_option("--max-bytes", http.max_response_bytes, "Largest N that GET /bytes/N serves")->capture_default_str();
   cli.add_option("--max-header-bytes", http.max_header_bytes,
                  "Request line and header fields at most; over it: 431 (414 or 501 for the request line)")
@@ -48,6 +51,12 @@ int main(int argc, char** argv) {
   cli.add_option("--request-timeout", request_timeout_s,
                  "Seconds from a request's first byte to its last, not moved by a trickle of bytes; over it: 408 "
                  "(0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--drain-delay", drain_delay_s,
+                 "On SIGTERM/SIGINT: seconds during which GET /ready answers 503 while every other request is "
+                 "served normally (keep-alive included), so that the load balancer stops sending new requests "
+                 "before the drain starts; a second SIGTERM/SIGINT during the delay starts the drain at once")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   if (const int rc = app::parse(cli, argc, argv); rc >= 0) return rc;
@@ -62,6 +71,7 @@ int main(int argc, char** argv) {
     return app::fail(name, e.what());  // a certificate or key that cannot be loaded
   }
   http.request_timeout = app::seconds(request_timeout_s);
+  options.drain_delay = app::seconds(drain_delay_s);
   rr::configure_server(options, http);
   app::setup_logging(log_level);
 

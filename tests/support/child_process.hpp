@@ -23,6 +23,16 @@ extern char** environ;
 
 namespace closewise::test {
 
+/// Waits up to `limit` for the exit of child `pid` (its pidfd) and reaps it:
+/// the exit status (128 + signal if killed), or nullopt if it did not exit in time.
+inline std::optional<int> wait_for_exit(pid_t pid, int pidfd, std::chrono::milliseconds limit) {
+  pollfd p{pidfd, POLLIN, 0};
+  if (::poll(&p, 1, static_cast<int>(limit.count())) != 1) return std::nullopt;
+  int st = 0;
+  if (::waitpid(pid, &st, 0) != pid) return std::nullopt;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
 class child {
  public:
   /// Starts `args` (argv[0] looked up in PATH unless it has a slash). With
@@ -90,13 +100,8 @@ class child {
   /// Returns the exit status (128 + signal if killed), or nullopt if it did
   /// not exit in time.
   std::optional<int> wait(std::chrono::milliseconds limit) {
-    if (!status_) {
-      pollfd p{pidfd_, POLLIN, 0};
-      if (::poll(&p, 1, static_cast<int>(limit.count())) != 1) return std::nullopt;
-      int st = 0;
-      if (::waitpid(pid_, &st, 0) != pid_) return std::nullopt;
-      status_ = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    }
+    if (!status_) status_ = wait_for_exit(pid_, pidfd_, limit);
+    if (!status_) return std::nullopt;
     while (pump(out_, out_text_, std::chrono::milliseconds(1000))) {
     }
     while (pump(err_, err_text_, std::chrono::milliseconds(1000))) {

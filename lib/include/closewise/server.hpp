@@ -65,7 +65,16 @@ inline stream_options server_stream_defaults() noexcept {
 struct server_options {
   std::vector<std::string> listen;      ///< "HOST:PORT" (port 0: any free port), e.g. "127.0.0.1:0", "[::1]:8080"
   std::vector<std::string> unix_paths;  ///< Unix stream socket paths (an existing socket file is replaced)
-  unsigned threads = 0;                 ///< I/O threads; 0: hardware concurrency
+  /// Listening sockets opened by someone else (systemd socket activation,
+  /// a parent process): TCP (IPv4, IPv6) or Unix stream descriptors that are
+  /// bound and listening already. Each behaves as a listener the server
+  /// opened itself (non-blocking, close-on-exec, closed by a drain) and
+  /// appears in `local_endpoints` ("unix:PATH" for a Unix socket, whose file
+  /// the server leaves in place). `start` takes them in order and throws
+  /// std::system_error for one that is not a listening stream socket of
+  /// those families; the server owns those it took, the rest stay the caller's.
+  std::vector<int> inherited_listeners;
+  unsigned threads = 0;  ///< I/O threads; 0: hardware concurrency
   /// Per-connection timeouts and teardown limits. Unlike a bare stream, a
   /// server bounds every wait by default: idle 75 s, read 30 s, write 30 s.
   stream_options stream = server_stream_defaults();
@@ -85,7 +94,14 @@ struct server_options {
   std::chrono::milliseconds drain_idle_grace{0};
   std::chrono::milliseconds accept_backoff{100};  ///< pause after EMFILE/ENFILE/ENOBUFS
   int backlog = 1024;           ///< listen(2) backlog: where paused newcomers wait (capped by net.core.somaxconn)
-  bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain
+  bool handle_signals = false;  ///< SIGTERM/SIGINT start a drain (after `drain_delay`)
+  /// With handle_signals: how long after SIGTERM/SIGINT the server keeps
+  /// serving everything normally (keep-alive included) while saying it is
+  /// not ready (`server::ready`, `connection::ready`), so that a load
+  /// balancer's readiness probe takes it out of rotation before the drain
+  /// closes anything. A second signal during the delay drains at once.
+  /// 0: the drain starts with the first signal.
+  std::chrono::milliseconds drain_delay{0};
   /// SO_REUSEPORT on TCP listeners: several processes share one port, so a
   /// restarted instance can listen before the old one stops. Connections
   /// still queued on a listener that closes are reset by Linux unless
@@ -165,6 +181,10 @@ class connection {
   /// True once the server drains: finish the exchange in progress (HTTP:
   /// answer with Connection: close) and return.
   bool draining() const noexcept;
+  /// False once the server is shutting down: from the signal that starts
+  /// `drain_delay` (requests are still served normally then) and during a
+  /// drain. A readiness endpoint answers "not ready" from then on.
+  bool ready() const noexcept;
 
   /// How the server closes this connection when the session returns.
   void set_close_policy(close_policy p) noexcept;
@@ -219,7 +239,8 @@ using close_observer = std::function<void(const connection&, const close_report&
 /// A multi-threaded server.
 ///
 /// Thread-safety: `start`, `run` and the destructor from one thread;
-/// `drain`, `stop`, `stats` and `local_endpoints` from any thread.
+/// `drain`, `stop`, `stats`, `local_endpoints`, `ready` and `draining` from
+/// any thread.
 class server {
  public:
   /// Prepares the I/O threads' contexts; nothing listens until `start`.
@@ -245,6 +266,11 @@ class server {
   void drain();
   /// Stops everything now (connections are closed by their destructors).
   void stop();
+  /// True once a drain started (`drain`, or a signal after `drain_delay`).
+  bool draining() const noexcept;
+  /// False from the first SIGTERM/SIGINT (the start of `drain_delay`) or the
+  /// start of a drain on: the state a readiness probe reports.
+  bool ready() const noexcept;
 
   /// Sets an observer of every close report (before `start`).
   void on_close(close_observer f);

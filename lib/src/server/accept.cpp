@@ -1,13 +1,18 @@
 // Listeners and the accept loop: accept4 on the non-blocking listener, the
 // connection limit, back-off on EMFILE and friends, and the hand-off of each
 // accepted socket to a worker (a session, or a wait for its input).
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
+#include <string>
+#include <system_error>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -227,8 +232,52 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server_state> srv, accepto
   }
 }
 
+namespace {
+
+[[noreturn]] void throw_errno(int error, const std::string& what) {
+  throw std::system_error(error, std::generic_category(), what);
+}
+
+// Takes a listening socket someone else opened (server_options::
+// inherited_listeners): a TCP or Unix stream socket that listens already.
+void adopt_listener(server_state& srv, int fd) {
+  const std::string what = "inherited listener fd " + std::to_string(fd);
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) throw_errno(errno, what);
+  const int family = addr.ss_family;
+  if (family != AF_INET && family != AF_INET6 && family != AF_UNIX)
+    throw_errno(EAFNOSUPPORT, what + ": not a TCP or Unix socket");
+  int value = 0;
+  socklen_t size = sizeof value;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &value, &size) != 0) throw_errno(errno, what);
+  if (value != SOCK_STREAM) throw_errno(ESOCKTNOSUPPORT, what + ": not a stream socket");
+  size = sizeof value;
+  if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &value, &size) != 0) throw_errno(errno, what);
+  if (value == 0) throw_errno(EINVAL, what + ": not listening");
+  auto a = std::make_unique<acceptor_type>(srv.acceptor_home().ioc);
+  const int protocol = family == AF_UNIX ? 0 : static_cast<int>(IPPROTO_TCP);
+  a->assign(asio::generic::stream_protocol(family, protocol), fd);
+  a->native_non_blocking(true);  // accept_raw must not block
+  ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+  if (family == AF_UNIX) {
+    const auto& un = reinterpret_cast<const sockaddr_un&>(addr);
+    const std::size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
+    std::string path(un.sun_path, ::strnlen(un.sun_path, n));
+    srv.endpoints.push_back("unix:" + (path.empty() && n > 1 ? "@" + std::string(un.sun_path + 1, n - 1) : path));
+  } else {
+    asio::ip::tcp::endpoint bound;
+    std::memcpy(bound.data(), &addr, std::min<std::size_t>(len, sizeof(sockaddr_in6)));
+    srv.endpoints.push_back(to_string(bound));
+  }
+  srv.acceptors.push_back(std::move(a));
+}
+
+}  // namespace
+
 void open_listeners(server_state& srv) {
   auto& home = srv.acceptor_home();
+  for (const int fd : srv.opts.inherited_listeners) adopt_listener(srv, fd);
   for (const auto& text : srv.opts.listen) {
     const auto ep = parse_endpoint(text);
     auto a = std::make_unique<acceptor_type>(home.ioc);

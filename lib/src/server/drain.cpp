@@ -1,13 +1,36 @@
-// The graceful drain (SIGTERM, server::drain): stop accepting, let
-// exchanges in flight finish, close idle connections gracefully once they
-// have been idle for the grace, reset what is left at the deadline.
+// The graceful drain (SIGTERM/SIGINT after drain_delay, server::drain): stop
+// accepting, let exchanges in flight finish, close idle connections
+// gracefully once they have been idle for the grace, reset what is left at
+// the deadline.
 #include <boost/asio/post.hpp>
 
 #include "server_state.hpp"
 
 namespace closewise::internal {
 
+void server_state::wait_for_signal() {
+  signals->async_wait([self = shared_from_this()](const error_code& ec, int sig) {
+    if (ec) return;
+    if (self->opts.drain_delay.count() > 0 && self->ready.exchange(false)) {
+      closewise::logger()->info("signal {}: not ready; draining in {} ms (a second signal drains now)", sig,
+                                self->opts.drain_delay.count());
+      self->delay_timer.emplace(self->acceptor_home().ioc);
+      self->delay_timer->expires_after(self->opts.drain_delay);
+      self->delay_timer->async_wait([self](const error_code& tec) {
+        if (tec) return;
+        self->start_drain();
+        closewise::logger()->info("drain delay over: draining");
+      });
+      self->wait_for_signal();
+      return;
+    }
+    self->start_drain();  // before the line: a reader of the log may rely on the state
+    closewise::logger()->info("signal {}: draining", sig);
+  });
+}
+
 void server_state::start_drain() {
+  ready = false;
   if (draining) return;
   drain_deadline = (clock::now() + opts.drain_timeout).time_since_epoch().count();
   if (draining.exchange(true)) return;
@@ -18,6 +41,7 @@ void server_state::start_drain() {
     }
     if (self->slot_free) self->slot_free->cancel();
     if (self->signals) self->signals->cancel();
+    if (self->delay_timer) self->delay_timer->cancel();
     if (self->counters.open() == 0) self->release_all();
   });
   const clock::time_point deadline(clock::duration(drain_deadline.load()));

@@ -20,6 +20,7 @@ server::~server() {
   // io_contexts) before anything they refer to, listeners first.
   impl_->acceptors.clear();
   impl_->signals.reset();
+  impl_->delay_timer.reset();
   impl_->slot_free.reset();
   impl_->workers.clear();
   for (const auto& path : impl_->unix_files) ::unlink(path.c_str());
@@ -39,11 +40,7 @@ void server::start() {
   }
   if (impl_->opts.handle_signals) {
     impl_->signals.emplace(home.ioc, SIGINT, SIGTERM);
-    impl_->signals->async_wait([self = impl_](const error_code& ec, int sig) {
-      if (ec) return;
-      closewise::logger()->info("signal {}: draining", sig);
-      self->start_drain();
-    });
+    impl_->wait_for_signal();
   }
 }
 
@@ -57,6 +54,9 @@ void server::run() {
 }
 
 void server::drain() { impl_->start_drain(); }
+
+bool server::draining() const noexcept { return impl_->draining.load(std::memory_order_relaxed); }
+bool server::ready() const noexcept { return impl_->ready.load(std::memory_order_relaxed); }
 
 void server::stop() {
   for (auto& w : impl_->workers) w->ioc.stop();

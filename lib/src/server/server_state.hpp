@@ -169,12 +169,14 @@ struct server_state : std::enable_shared_from_this<server_state> {
   std::vector<std::string> unix_files;
   stats_recorder counters;
   std::atomic<bool> draining{false};
+  std::atomic<bool> ready{true};              // false from the first signal (drain_delay) or the drain on
   std::atomic<clock::rep> drain_deadline{0};  // written before `draining` is set
   std::atomic<bool> paused{false};
   std::atomic<std::uint64_t> forced{0};
   std::size_t next_worker = 0;                  // touched only by the accept loops (worker 0)
   std::optional<asio::steady_timer> slot_free;  // on worker 0: wakes paused accept loops
   std::optional<asio::signal_set> signals;
+  std::optional<asio::steady_timer> delay_timer;  // on worker 0: drain_delay after the first signal
 
   worker& acceptor_home() { return *workers.front(); }
 
@@ -188,6 +190,9 @@ struct server_state : std::enable_shared_from_this<server_state> {
   // The drain (drain.cpp): stop accepting, close idle connections
   // gracefully, reset what is left at the deadline.
   void start_drain();
+  // Waits for SIGTERM/SIGINT: the first starts drain_delay (if any), the
+  // next (or the first, without a delay) the drain.
+  void wait_for_signal();
   void close_idle(worker& w);
   void drain_pass(worker& w, clock::time_point deadline);
 };

@@ -27,6 +27,7 @@ const std::string& connection::peer() const noexcept {
 std::uint64_t connection::id() const noexcept { return impl_->tcp().id(); }
 std::chrono::steady_clock::time_point connection::input_since() const noexcept { return impl_->input_since; }
 bool connection::draining() const noexcept { return impl_->owner->draining.load(std::memory_order_relaxed); }
+bool connection::ready() const noexcept { return impl_->owner->ready.load(std::memory_order_relaxed); }
 void connection::set_close_policy(close_policy p) noexcept { impl_->policy = p; }
 close_policy connection::policy() const noexcept { return impl_->policy; }
 std::size_t connection::queued() const noexcept { return impl_->queued_bytes; }
