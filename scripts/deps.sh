@@ -2,14 +2,15 @@
 # Checks that the Debian packages closewise needs are installed; as root it
 # installs the missing ones, otherwise it prints the command to do so and fails.
 #
-#   scripts/deps.sh [build|test|fuzz|all]     # run it (default: all)
+#   scripts/deps.sh [build|test|fuzz|package|all]     # run it (default: all)
 #   source scripts/deps.sh; closewise_deps build   # or source it and call the function
 #
 # build: what configuring and compiling needs. test: build + the tools the
 # loopback and fault tests drive (ss, nc, socat, curl, nft), the reverse
 # proxy of the proxy tests (nginx-light) and systemd-socket-activate (systemd)
 # for the socket activation test. fuzz: build +
-# clang-14 and its runtimes (libFuzzer, ASan, UBSan) for scripts/fuzz.
+# clang-14 and its runtimes (libFuzzer, ASan, UBSan) for scripts/fuzz. package:
+# build + what cpack -G DEB and the pkg-config check of scripts/package need.
 #
 # Environment:
 #   CLOSEWISE_SKIP_DEPS=1            skip the check (a non-Debian machine, a hand-made toolchain)
@@ -23,6 +24,9 @@ CLOSEWISE_BUILD_PACKAGES=(
   libssl-dev pkg-config libsystemd-dev
 )
 CLOSEWISE_TEST_PACKAGES=(iproute2 netcat-openbsd socat curl nftables nginx-light openssl python3 systemd)
+# scripts/package: cpack's DEB generator runs dpkg-shlibdeps (dpkg-dev) on the
+# files `file` calls ELF; the pkg-config consumer needs pkg-config (pkgconf).
+CLOSEWISE_PACKAGE_PACKAGES=(dpkg-dev file pkgconf)
 # scripts/fuzz: libFuzzer and the sanitizer runtimes come with clang's runtime package.
 CLOSEWISE_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev)
 
@@ -49,8 +53,9 @@ closewise_deps() {
     build) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}") ;;
     test | all) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}" "${CLOSEWISE_TEST_PACKAGES[@]}") ;;
     fuzz) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}" "${CLOSEWISE_FUZZ_PACKAGES[@]}") ;;
+    package) wanted=("${CLOSEWISE_BUILD_PACKAGES[@]}" "${CLOSEWISE_PACKAGE_PACKAGES[@]}") ;;
     *)
-      printf 'closewise: deps: unknown group "%s" (build, test, fuzz or all)\n' "$group" >&2
+      printf 'closewise: deps: unknown group "%s" (build, test, fuzz, package or all)\n' "$group" >&2
       return 2
       ;;
   esac

@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "closewise/core.hpp"
+#include "closewise/export.hpp"
 
 namespace closewise {
 
@@ -27,7 +28,7 @@ enum class tcp_state : std::uint8_t {
   listen,
   closing,
 };
-std::string_view to_string(tcp_state) noexcept;
+CLOSEWISE_API std::string_view to_string(tcp_state) noexcept;
 
 /// One reading of a socket's kernel state. Fields the kernel would not give
 /// stay empty (a Unix socket has no TCP state; a closed descriptor has nothing).
@@ -61,6 +62,6 @@ inline constexpr probe_fields probe_all = probe_state | probe_unread | probe_una
 
 /// Reads TCP_INFO, SIOCINQ, SIOCOUTQ and SIOCOUTQNSD of `fd` (those in
 /// `fields`). Never throws.
-socket_probe probe(int fd, probe_fields fields = probe_all) noexcept;
+CLOSEWISE_API socket_probe probe(int fd, probe_fields fields = probe_all) noexcept;
 
 }  // namespace closewise

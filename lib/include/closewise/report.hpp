@@ -7,13 +7,14 @@
 #include <string>
 
 #include "closewise/core.hpp"
+#include "closewise/export.hpp"
 #include "closewise/probe.hpp"
 
 namespace closewise {
 
 /// Which per-operation timeout of a stream fired (see stream_options).
 enum class timeout_kind : std::uint8_t { none, idle, read, write };
-std::string_view to_string(timeout_kind) noexcept;
+CLOSEWISE_API std::string_view to_string(timeout_kind) noexcept;
 
 /// How a TLS handshake ended.
 enum class tls_handshake : std::uint8_t {
@@ -26,7 +27,7 @@ enum class tls_handshake : std::uint8_t {
   peer_closed,     ///< the peer's FIN or RST came before the handshake finished
   error,           ///< any other failure (the report's `tls->handshake_error` says which)
 };
-std::string_view to_string(tls_handshake) noexcept;
+CLOSEWISE_API std::string_view to_string(tls_handshake) noexcept;
 
 /// How the peer ended the TLS layer of a connection.
 enum class tls_ending : std::uint8_t {
@@ -36,7 +37,7 @@ enum class tls_ending : std::uint8_t {
   truncated,                 ///< a bare FIN in the middle of a message or of one framed by the end of the connection
   reset,                     ///< a RST, without close_notify
 };
-std::string_view to_string(tls_ending) noexcept;
+CLOSEWISE_API std::string_view to_string(tls_ending) noexcept;
 
 /// The TLS facts of one connection's close report.
 struct tls_facts {
@@ -56,7 +57,7 @@ struct tls_facts {
 /// Why and how one connection ended. Produced exactly once per connection,
 /// by `basic_stream::async_close` (or by the stream itself when the peer's
 /// reset or both FINs ended the connection first).
-struct close_report {
+struct CLOSEWISE_API close_report {
   close_cause cause = close_cause::none;
   close_policy policy = close_policy::graceful;  ///< the policy asked for (if any close was asked)
   bool close_requested = false;                  ///< false: the connection ended before any close was asked

@@ -21,6 +21,7 @@
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/ip/tcp.hpp>
 
+#include "closewise/export.hpp"
 #include "closewise/stats.hpp"
 #include "closewise/stream.hpp"
 #include "closewise/tls.hpp"
@@ -158,7 +159,7 @@ struct server_state;
 
 /// One accepted connection, as its session sees it. Lives on one I/O thread;
 /// every member must be called from the session (or its thread).
-class connection {
+class CLOSEWISE_API connection {
  public:
   /// The AsyncStream of a plain connection: use it directly, e.g. under
   /// beast::http::async_read. Over TLS, the TCP stream under TLS (its state
@@ -241,7 +242,7 @@ using close_observer = std::function<void(const connection&, const close_report&
 /// Thread-safety: `start`, `run` and the destructor from one thread;
 /// `drain`, `stop`, `stats`, `local_endpoints`, `ready` and `draining` from
 /// any thread.
-class server {
+class CLOSEWISE_API server {
  public:
   /// Prepares the I/O threads' contexts; nothing listens until `start`.
   server(server_options opts, session_handler session);
@@ -285,14 +286,15 @@ class server {
 };
 
 /// Parses "HOST:PORT" / "[V6]:PORT" into a TCP endpoint; throws std::invalid_argument.
-asio::ip::tcp::endpoint parse_endpoint(const std::string& text);
+CLOSEWISE_API asio::ip::tcp::endpoint parse_endpoint(const std::string& text);
 /// "HOST:PORT" of a TCP endpoint ("[::1]:80" for IPv6).
-std::string to_string(const asio::ip::tcp::endpoint& e);
+CLOSEWISE_API std::string to_string(const asio::ip::tcp::endpoint& e);
 
 /// Connects to "HOST:PORT" (numeric host) within `timeout`; the result is a
 /// closewise stream with `opts`. Errors are values (timed_out on timeout).
-asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex, std::string target,
-                                                                      std::chrono::milliseconds timeout,
-                                                                      stream_options opts = {});
+CLOSEWISE_API asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex,
+                                                                                    std::string target,
+                                                                                    std::chrono::milliseconds timeout,
+                                                                                    stream_options opts = {});
 
 }  // namespace closewise

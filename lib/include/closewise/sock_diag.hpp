@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "closewise/error.hpp"
+#include "closewise/export.hpp"
 #include "closewise/probe.hpp"
 
 namespace closewise {
@@ -30,12 +31,13 @@ constexpr tcp_state_set tcp_states(tcp_state s) noexcept { return tcp_state_set{
 
 /// Lists the IPv4 and IPv6 TCP sockets whose local or remote port is `port`
 /// (0: all). On failure returns what it has and sets `ec`.
-std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, error_code& ec);
+CLOSEWISE_API std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, error_code& ec);
 
 /// The same for one address family (AF_INET or AF_INET6), and only the
 /// sockets whose state is in `states` (the kernel filters them: cheaper than
 /// listing every socket). On failure returns what it has and sets `ec`.
-std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, int family, tcp_state_set states, error_code& ec);
+CLOSEWISE_API std::vector<diag_socket> list_tcp_sockets(std::uint16_t port, int family, tcp_state_set states,
+                                                        error_code& ec);
 
 /// How many sockets of a port are in one state, by side.
 struct state_count {
@@ -44,6 +46,6 @@ struct state_count {
 };
 /// Counts the sockets in `state` among `list_tcp_sockets(port)`; sockets
 /// whose local port is `port` count as the listener's side.
-state_count count_tcp_state(std::uint16_t port, tcp_state state, error_code& ec);
+CLOSEWISE_API state_count count_tcp_state(std::uint16_t port, tcp_state state, error_code& ec);
 
 }  // namespace closewise

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "closewise/core.hpp"
+#include "closewise/export.hpp"
 #include "closewise/report.hpp"
 
 namespace closewise {
@@ -26,7 +27,7 @@ enum class accept_error : std::uint8_t {
 };
 inline constexpr std::size_t accept_error_count = 6;
 static_assert(static_cast<std::size_t>(accept_error::other) + 1 == accept_error_count, "accept_error_count is stale");
-std::string_view to_string(accept_error) noexcept;
+CLOSEWISE_API std::string_view to_string(accept_error) noexcept;
 
 inline constexpr std::size_t close_cause_count = 13;
 static_assert(static_cast<std::size_t>(close_cause::server_drain) + 1 == close_cause_count,
@@ -78,7 +79,7 @@ struct stats_snapshot {
 
 /// The counters of one server, as its users see them: read-only. The server
 /// counts into them (lib/src/stats_recorder.hpp); nothing else can.
-class server_stats {
+class CLOSEWISE_API server_stats {
  public:
   /// A copy of every counter (each exact, the set not taken atomically).
   stats_snapshot snapshot() const noexcept;
@@ -108,8 +109,8 @@ class server_stats {
 };
 
 /// The snapshot as one JSON object (stable key names, documented in docs/).
-std::string to_json(const stats_snapshot& s);
+CLOSEWISE_API std::string to_json(const stats_snapshot& s);
 /// The snapshot in Prometheus text exposition format, metric names prefixed `closewise_`.
-std::string to_prometheus(const stats_snapshot& s);
+CLOSEWISE_API std::string to_prometheus(const stats_snapshot& s);
 
 }  // namespace closewise

@@ -39,6 +39,7 @@
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/ssl/stream_base.hpp>
 
+#include "closewise/export.hpp"
 #include "closewise/report.hpp"
 #include "closewise/stream.hpp"
 
@@ -60,7 +61,7 @@ struct certificate_pem {
 /// A throwaway self-signed ECDSA P-256 certificate for `common_name` (also
 /// its DNS subject alternative name, with IP 127.0.0.1 and ::1), valid for
 /// a day, made with OpenSSL's API: for demos and tests.
-certificate_pem make_self_signed_certificate(const std::string& common_name = "localhost");
+CLOSEWISE_API certificate_pem make_self_signed_certificate(const std::string& common_name = "localhost");
 
 /// The protocol versions a context allows.
 enum class tls_versions : std::uint8_t { tls12_and_13, tls12_only, tls13_only };
@@ -82,14 +83,15 @@ struct tls_context_options {
 /// its record buffers back), no renegotiation, and no
 /// SSL_OP_IGNORE_UNEXPECTED_EOF, so a bare FIN is reported, not taken for
 /// close_notify. Throws boost::system::system_error on a bad certificate or key.
-asio::ssl::context make_server_context(const certificate_pem& pem, const tls_context_options& o = {});
+CLOSEWISE_API asio::ssl::context make_server_context(const certificate_pem& pem, const tls_context_options& o = {});
 /// The same from PEM files (the certificate file may hold a chain).
-asio::ssl::context make_server_context_from_files(const std::string& certificate_file, const std::string& key_file,
-                                                  const tls_context_options& o = {});
+CLOSEWISE_API asio::ssl::context make_server_context_from_files(const std::string& certificate_file,
+                                                                const std::string& key_file,
+                                                                const tls_context_options& o = {});
 /// A client context that trusts `trust` (PEM certificates), or verifies
 /// nothing when `trust` is empty (tests and the demo, against their own
 /// throwaway certificate).
-asio::ssl::context make_client_context(const std::string& trust = {}, const tls_context_options& o = {});
+CLOSEWISE_API asio::ssl::context make_client_context(const std::string& trust = {}, const tls_context_options& o = {});
 
 }  // namespace closewise
 

@@ -16,6 +16,8 @@
 #include <string_view>
 #include <type_traits>
 
+#include "closewise/core_export.hpp"
+
 namespace closewise {
 
 /// What we know about the bytes coming towards us.
@@ -105,18 +107,18 @@ enum class drain_end : std::uint8_t {
 };
 
 /// Names of every enumerator, as used in reports, logs and JSON (snake_case).
-std::string_view to_string(read_state) noexcept;
-std::string_view to_string(write_state) noexcept;
-std::string_view to_string(phase) noexcept;
-std::string_view to_string(close_policy) noexcept;
-std::string_view to_string(close_cause) noexcept;
-std::string_view to_string(side) noexcept;
-std::string_view to_string(io_error) noexcept;
-std::string_view to_string(reset_refusal) noexcept;
-std::string_view to_string(drain_end) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(read_state) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(write_state) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(phase) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(close_policy) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(close_cause) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(side) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(io_error) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(reset_refusal) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(drain_end) noexcept;
 
 /// Parses "graceful", "fin_close", "abortive", "rst_if_safe"; false on anything else.
-bool parse(std::string_view text, close_policy& out) noexcept;
+CLOSEWISE_CORE_API bool parse(std::string_view text, close_policy& out) noexcept;
 
 /// Actions the I/O layer performs, in the order listed here.
 enum class action : std::uint8_t {
@@ -153,7 +155,7 @@ class flag_set {
 /// A set of `action`s.
 using actions = flag_set<action>;
 constexpr actions operator|(action a, action b) noexcept { return actions{a} | actions{b}; }
-std::string to_string(actions);
+CLOSEWISE_CORE_API std::string to_string(actions);
 
 /// What the kernel says about a socket at one moment (see probe.hpp), as far
 /// as the machine needs it to decide rst_if_safe.
@@ -217,7 +219,7 @@ struct event {
     return e;
   }
 };
-std::string_view to_string(event::kind) noexcept;
+CLOSEWISE_CORE_API std::string_view to_string(event::kind) noexcept;
 
 /// The machine's answer to one event.
 struct step {
@@ -234,7 +236,7 @@ struct step {
 /// - `send_rst` is never returned once the connection finished;
 /// - `notify_peer_fin` is returned at most once, and never after a reset;
 /// - bytes delivered + bytes discarded == bytes received.
-class connection_state {
+class CLOSEWISE_CORE_API connection_state {
  public:
   /// Feeds one event; returns what to do. Illegal events are rejected with a
   /// reason and leave the state untouched.
@@ -319,6 +321,6 @@ class connection_state {
 /// given what the connection has seen so far. EOF is a FIN; a reset is a
 /// peer reset (idle or mid-exchange); EPIPE is a broken pipe; and a 0-byte
 /// read after a reset stays a reset (Linux returns ECONNRESET once, then 0).
-close_cause classify(io_error e, const connection_state& s) noexcept;
+CLOSEWISE_CORE_API close_cause classify(io_error e, const connection_state& s) noexcept;
 
 }  // namespace closewise

@@ -33,6 +33,7 @@
 #include <boost/asio/write.hpp>
 
 #include "closewise/error.hpp"
+#include "closewise/export.hpp"
 
 namespace closewise {
 namespace asio = boost::asio;
@@ -40,7 +41,9 @@ namespace asio = boost::asio;
 
 namespace closewise::detail {
 
-class tls_engine {
+// Exported although in detail: the inline I/O operations of closewise/tls.hpp
+// call it from the user's code.
+class CLOSEWISE_API tls_engine {
  public:
   // A new connection object of `ctx`, with our BIO in front. Throws
   // boost::system::system_error when OpenSSL cannot make one.

@@ -14,7 +14,7 @@
 namespace closewise {
 
 /// Classifies a failed handshake's error (OpenSSL's reason, or the socket's).
-tls_handshake classify_handshake_error(const error_code& ec) noexcept;
+CLOSEWISE_API tls_handshake classify_handshake_error(const error_code& ec) noexcept;
 
 namespace detail {
 
