@@ -7,7 +7,8 @@ not. This script runs each server under valgrind's callgrind (one server
 thread, one worker), drives a fixed number of cycles at it with
 closewise-bench after a warm-up, and divides the instructions the server
 executed in user space over exactly that window (callgrind_control --zero
-before it, --dump after) by the cycles completed.
+before it, --dump after) by the cycles completed; and the same for the
+calls into libc's allocator (every heap allocation, whoever made it).
 
     bench/instructions.py [--build-dir build/release] [--cycles 2000]
                           [--servers closewise-reqresp ref nginx]
@@ -61,6 +62,30 @@ def ensure_valgrind() -> bool:
     return bool(shutil.which("valgrind") and shutil.which("callgrind_control"))
 
 
+# libc's allocation entry points: operator new, Asio's aligned_alloc and
+# OpenSSL's CRYPTO_malloc all end in one of them, and none calls another.
+ALLOCATORS = {"malloc", "calloc", "realloc", "memalign", "aligned_alloc", "posix_memalign", "valloc", "pvalloc"}
+
+
+def allocation_calls(text: str) -> int:
+    """Calls into ALLOCATORS recorded in a callgrind dump (its cfn= / calls= lines; names are
+    compressed: a function's name follows its id the first time only)."""
+    names: dict[str, str] = {}
+    total, callee = 0, None
+    for line in text.splitlines():
+        m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?$", line)
+        if m:
+            if m.group(3):
+                names[m.group(2)] = m.group(3)
+            callee = m.group(2) if m.group(1) == "cfn" else None
+            continue
+        if callee is not None and line.startswith("calls="):
+            if names.get(callee, "").split("@")[0] in ALLOCATORS:
+                total += int(line.split()[0][len("calls="):])
+            callee = None
+    return total
+
+
 class Measured:
     """One server under callgrind, listening on loopback."""
 
@@ -95,8 +120,8 @@ class Measured:
         if r.returncode != 0:
             raise RuntimeError(f"callgrind_control {' '.join(args)}: {(r.stdout + r.stderr).strip()[-300:]}")
 
-    def dumped_instructions(self) -> int:
-        # The newest dump file of this process: callgrind.out.PID.N
+    def dumped(self) -> tuple[int, int]:
+        """The window's instructions and heap allocations, from the newest dump (callgrind.out.PID.N)."""
         dumps = sorted(self.work.glob(f"callgrind.out.{self.proc.pid}.*"), key=lambda p: p.stat().st_mtime)
         if not dumps:
             raise RuntimeError("callgrind wrote no dump")
@@ -104,7 +129,7 @@ class Measured:
         m = re.search(r"^(?:summary|totals):\s*(\d+)", text, re.M)
         if not m:
             raise RuntimeError(f"no instruction total in {dumps[-1].name}")
-        return int(m.group(1))
+        return int(m.group(1)), allocation_calls(text)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -137,11 +162,12 @@ def measure_one(kind: str, mode: str, bins: dict, args, body_file: Path, body: s
         res = bench(bins, srv.port, mode, args.cycles, work / "measured.json")
         time.sleep(0.5)  # the window's last teardowns finish before the dump
         srv.control("--dump")
-        instructions = srv.dumped_instructions()
+        instructions, allocations = srv.dumped()
         completed = res["completed"]
         errors = sum(res["errors"].values()) if isinstance(res.get("errors"), dict) else res.get("errors", 0)
         return {"server": kind, "mode": mode, "cycles": completed, "errors": errors, "instructions": instructions,
-                "per_cycle": round(instructions / completed) if completed else None}
+                "per_cycle": round(instructions / completed) if completed else None, "allocations": allocations,
+                "allocations_per_cycle": round(allocations / completed, 2) if completed else None}
     finally:
         if srv:
             srv.stop()
@@ -156,7 +182,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"{meta['date']} · `{meta['command']}` · {meta['git']}", "",
            "User-space instructions the server executed, over a window of a fixed number of cycles driven by "
            "`closewise-bench --threads 1 --connections 4` after a warm-up, divided by the cycles completed. "
-           "Deterministic (no timing): the same build gives the same counts within a fraction of a percent.",
+           "A count, not a time: two runs of the same build agree within about 1%.",
            "", "| mode | " + " | ".join(compare.LABEL[s] for s in meta["servers"]) + " | closewise / nginx | "
            "closewise / reference |", "|---|" + "---:|" * (len(meta["servers"]) + 2)]
     for mode in meta["modes"]:
@@ -172,6 +198,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
             return f"{a['per_cycle'] / b['per_cycle']:.2f}×"
 
         out.append(f"| {mode} ({UNIT[mode]}) | " + " | ".join(cells) + f" | {ratio(cw, ng)} | {ratio(cw, ref)} |")
+    out += ["", "Heap allocations per cycle in the same window (calls into libc's malloc, calloc, realloc and the "
+            "aligned allocators, whoever made them: operator new, Asio's recycling allocator when its cache misses, "
+            "nginx's pools):", "", "| mode | " + " | ".join(compare.LABEL[s] for s in meta["servers"]) + " |",
+            "|---|" + "---:|" * len(meta["servers"])]
+    for mode in meta["modes"]:
+        cells = []
+        for s in meta["servers"]:
+            r = get(s, mode)
+            cells.append("–" if not r or r.get("allocations_per_cycle") is None else f"{r['allocations_per_cycle']:.2f}")
+        out.append(f"| {mode} ({UNIT[mode]}) | " + " | ".join(cells) + " |")
     bad = [r for r in rows if r.get("why") or r.get("errors")]
     if bad:
         out += ["", "Not measured or with errors:", ""]
@@ -198,7 +234,7 @@ def main() -> int:
     bdir = (ROOT / args.build_dir) if not Path(args.build_dir).is_absolute() else Path(args.build_dir)
     bins = {"reqresp": bdir / "apps/reqresp/closewise-reqresp", "ref": bdir / "bench/closewise-ref-server",
             "bench": bdir / "bench/closewise-bench", "nginx": shutil.which("nginx") or "/usr/sbin/nginx"}
-    for key in ("reqresp", "ref", "bench"):
+    for key in ("reqresp", "bench") + (("ref",) if "ref" in args.servers else ()):
         if not Path(bins[key]).exists():
             say(f"{bins[key].relative_to(ROOT) if bins[key].is_relative_to(ROOT) else bins[key]} is missing: "
                 f"build it (cmake --preset release && cmake --build build/release)")
@@ -220,8 +256,8 @@ def main() -> int:
             say(f"{compare.LABEL[kind]}: {mode}, {args.cycles} cycles under callgrind")
             try:
                 row = measure_one(kind, mode, bins, args, body_file, body)
-                say(f"  {row['per_cycle']:,} instructions {UNIT[mode]} ({row['cycles']} cycles, "
-                    f"{row['errors']} errors)")
+                say(f"  {row['per_cycle']:,} instructions and {row['allocations_per_cycle']} allocations "
+                    f"{UNIT[mode]} ({row['cycles']} cycles, {row['errors']} errors)")
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
                 row, ok = {"server": kind, "mode": mode, "per_cycle": None, "why": str(e)}, False
                 say(f"  not measured: {e}")

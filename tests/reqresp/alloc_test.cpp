@@ -1,7 +1,7 @@
 // Heap allocations per kept-alive request and per server-close connection in
 // closewise-reqresp's server (the same session, options and one I/O thread
 // as `closewise-reqresp --threads 1`), counted by replacing the global
-// operator new. An allocation is a cost paid on every cycle (malloc, free,
+// operator new (and aligned_alloc, which Asio uses). An allocation is a cost paid on every cycle (malloc, free,
 // cache misses), and a count does not drift with the machine's load the way
 // a time does: these tests fail when a change makes the steady state
 // allocate more than the budgets below, which are the counts the code
@@ -46,6 +46,19 @@ void* counted_new_aligned(std::size_t n, std::align_val_t al) {
 
 }  // namespace
 
+// Asio's own memory (handlers, coroutine frames) comes from a small
+// per-thread cache, and from std::aligned_alloc when the cache misses: count
+// those too. Not under ASan or TSan, whose allocators a definition here would
+// bypass (their free() would then meet memory they never handed out).
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define CLOSEWISE_COUNT_ALIGNED_ALLOC 1
+extern "C" void* __libc_memalign(std::size_t alignment, std::size_t size);  // glibc's, what aligned_alloc is
+extern "C" void* aligned_alloc(std::size_t alignment, std::size_t size) noexcept {
+  if (!t_not_counted) g_allocations.fetch_add(1, std::memory_order_relaxed);
+  return __libc_memalign(alignment, size);
+}
+#endif
+
 // The replaceable global allocation functions ([new.delete]): every form
 // that allocates counts once; the deleting forms only free.
 void* operator new(std::size_t n) { return counted_new(n); }
@@ -77,11 +90,21 @@ using namespace std::chrono_literals;
 namespace rr = closewise::reqresp;
 
 // Budgets: allocations per cycle on the server's side, the counts reached
-// today (see docs/performance.md, "Allocations"). A count above one of
-// them is a regression. `one_offs` allows for allocations that happen once
-// in a window, not per cycle (a container of the server's growing).
+// today (see docs/performance.md, "Instructions and allocations per
+// cycle"). A count above one of them is a regression. Counted with Asio's
+// aligned allocations, a server-close connection takes 23.0 to 24.0 (the
+// order in which a connection's last events arrive changes which of Asio's
+// cached blocks are free; the budget is one above the highest seen); under
+// the sanitizers only operator new is counted. `one_offs` allows for
+// allocations that happen once in a window, not per cycle (a container of
+// the server's growing).
+#ifdef CLOSEWISE_COUNT_ALIGNED_ALLOC
+constexpr std::uint64_t keepalive_budget = 5;
+constexpr std::uint64_t server_close_budget = 25;
+#else
 constexpr std::uint64_t keepalive_budget = 2;
 constexpr std::uint64_t server_close_budget = 10;
+#endif
 constexpr std::uint64_t one_offs = 20;
 
 constexpr int warmup_cycles = 200;
