@@ -219,10 +219,16 @@ std::string describe(const client_result& c, const server_side& s, const std::st
                      s.timeout == timeout_kind::none ? std::string_view{} : to_string(s.timeout));
 }
 
-// Pairs each client's result with its server's close report by client port,
-// in order (a port reused later pairs with its own connection's report), and
-// judges the pair at once: nothing is kept per finished connection, so the
-// test's own bookkeeping does not grow with its duration.
+// Pairs each client's result with its server's close report by client port
+// and judges the pair at once: nothing is kept per finished connection, so
+// the test's own bookkeeping does not grow with its duration. A port can be
+// waiting twice: the client's kernel may reuse it (after the TIME_WAIT
+// reuse delay of 1 s on loopback) before the server reported the first
+// connection, on a machine busy enough to hold that report back, and two
+// server threads may report out of order. Then the pair is ambiguous, and
+// the first candidate that forms a consistent pair is taken (else the
+// oldest, whose pair then fails): a wrong report still fails, since it fits
+// neither connection.
 class ledger {
  public:
   void client_done(client_result c) {
@@ -243,8 +249,9 @@ class ledger {
       ++unmatched_clients_;
       return;
     }
-    match(c, it->second.front());
-    it->second.pop_front();
+    const auto s = pick(it->second, [&](const server_side& x) { return judge(c, x).empty(); });
+    match(c, *s);
+    it->second.erase(s);
     if (it->second.empty()) servers_.erase(it);
     --unmatched_reports_;
     cv_.notify_all();
@@ -260,8 +267,9 @@ class ledger {
       ++unmatched_reports_;
       return;
     }
-    match(it->second.front(), s);
-    it->second.pop_front();
+    const auto c = pick(it->second, [&](const client_result& x) { return judge(x, s).empty(); });
+    match(*c, s);
+    it->second.erase(c);
     if (it->second.empty()) waiting_clients_.erase(it);
     --unmatched_clients_;
     cv_.notify_all();
@@ -276,20 +284,28 @@ class ledger {
   struct totals {
     std::uint64_t clients = 0, reports = 0, matched = 0, failures = 0;
     std::uint64_t unmatched_clients = 0, unmatched_reports = 0;
+    std::uint64_t reused_ports = 0;  // pairs made while a port waited twice
     std::uint64_t sent = 0, received = 0, requests = 0;
     std::array<std::uint64_t, ending_count> by_ending{};
     std::vector<std::string> examples;
   };
   totals get() {
     std::lock_guard lock(mu_);
-    return {clients_, reports_,  matched_,  failures_,  unmatched_clients_, unmatched_reports_,
-            sent_,    received_, requests_, by_ending_, examples_};
+    return {clients_,      reports_, matched_,  failures_, unmatched_clients_, unmatched_reports_,
+            reused_ports_, sent_,    received_, requests_, by_ending_,         examples_};
   }
 
  private:
   void match(const client_result& c, const server_side& s) {
     ++matched_;
     if (const auto why = judge(c, s); !why.empty()) fail(describe(c, s, why));
+  }
+  // The first element of `q` that `fits`, else the oldest.
+  template <class Queue, class Fits>
+  typename Queue::iterator pick(Queue& q, Fits fits) {
+    reused_ports_ += q.size() > 1;
+    const auto it = std::find_if(q.begin(), q.end(), fits);
+    return it == q.end() ? q.begin() : it;
   }
   void fail(std::string what) {
     ++failures_;
@@ -300,7 +316,7 @@ class ledger {
   std::condition_variable cv_;
   std::unordered_map<std::uint16_t, std::deque<client_result>> waiting_clients_;
   std::unordered_map<std::uint16_t, std::deque<server_side>> servers_;
-  std::uint64_t clients_ = 0, reports_ = 0, matched_ = 0, failures_ = 0;
+  std::uint64_t clients_ = 0, reports_ = 0, matched_ = 0, failures_ = 0, reused_ports_ = 0;
   std::uint64_t unmatched_clients_ = 0, unmatched_reports_ = 0;
   std::uint64_t sent_ = 0, received_ = 0, requests_ = 0;
   std::array<std::uint64_t, ending_count> by_ending_{};
@@ -874,7 +890,8 @@ rss_samples run_soak(std::chrono::seconds duration) {
   std::printf(
       "soak: %.0f s, %d connections at once, seed %llu: echo %llu connections (%llu half-closed, %llu reset, %llu "
       "abandoned, %llu idled out), %.1f MiB sent and echoed back; http %llu connections, %llu responses, %.1f MiB "
-      "of bodies, %llu reset; server RSTs received %llu, sent %llu, kernel resets %llu\n",
+      "of bodies, %llu reset; server RSTs received %llu, sent %llu, kernel resets %llu; %llu pairs on a port reused "
+      "before its report\n",
       std::chrono::duration<double>(took).count(), echo_slots + http_slots, static_cast<unsigned long long>(seed),
       static_cast<unsigned long long>(e.clients),
       static_cast<unsigned long long>(e.by_ending[static_cast<std::size_t>(ending::half_close)]),
@@ -884,7 +901,8 @@ rss_samples run_soak(std::chrono::seconds duration) {
       static_cast<unsigned long long>(h.clients), static_cast<unsigned long long>(h.requests), mib(h.received),
       static_cast<unsigned long long>(resets(h)), static_cast<unsigned long long>(es.rst_received + hs.rst_received),
       static_cast<unsigned long long>(es.rst_sent + hs.rst_sent),
-      static_cast<unsigned long long>(es.kernel_resets + hs.kernel_resets));
+      static_cast<unsigned long long>(es.kernel_resets + hs.kernel_resets),
+      static_cast<unsigned long long>(e.reused_ports + h.reused_ports));
   const double growth = mib(rss_end) - mib(rss_warm);
   std::printf(
       "soak: RSS %.1f MiB after the %lld s warm-up (%llu connections done), %.1f MiB at the end (%llu done): "
