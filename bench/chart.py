@@ -25,14 +25,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-LABEL = {"closewise-reqresp": "closewise-reqresp", "nginx": "nginx", "ref": "epoll reference"}
-COLOR = {"closewise-reqresp": "#1f77b4", "nginx": "#2ca02c", "ref": "#7f7f7f"}
-TEARDOWN_MODES = ["server-close", "client-fin", "client-fin-8src", "client-rst"]
-
-
-def bench_run(runs: list[dict], server: str, mode: str) -> dict | None:
-    return next((r for r in runs if r["server"] == server and r["mode"] == mode and r["tool"] == "closewise-bench"),
-                None)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import COLOR, LABEL, TEARDOWN_MODES  # noqa: E402  (the servers' names, colours and modes)
+from compare import run_of as bench_run  # noqa: E402  (a server's closewise-bench run in one mode)
 
 
 def short(n: int) -> str:

@@ -234,6 +234,13 @@ asio::awaitable<void> run_accept_loop(std::shared_ptr<server_state> srv, accepto
 
 namespace {
 
+// "HOST:PORT" of a bound TCP address (sockaddr_in or sockaddr_in6).
+std::string tcp_name(const void* addr, std::size_t len) {
+  asio::ip::tcp::endpoint bound;
+  std::memcpy(bound.data(), addr, std::min<std::size_t>(len, sizeof(sockaddr_in6)));
+  return to_string(bound);
+}
+
 [[noreturn]] void throw_errno(int error, const std::string& what) {
   throw std::system_error(error, std::generic_category(), what);
 }
@@ -266,9 +273,7 @@ void adopt_listener(server_state& srv, int fd) {
     std::string path(un.sun_path, ::strnlen(un.sun_path, n));
     srv.endpoints.push_back("unix:" + (path.empty() && n > 1 ? "@" + std::string(un.sun_path + 1, n - 1) : path));
   } else {
-    asio::ip::tcp::endpoint bound;
-    std::memcpy(bound.data(), &addr, std::min<std::size_t>(len, sizeof(sockaddr_in6)));
-    srv.endpoints.push_back(to_string(bound));
+    srv.endpoints.push_back(tcp_name(&addr, len));
   }
   srv.acceptors.push_back(std::move(a));
 }
@@ -289,10 +294,8 @@ void open_listeners(server_state& srv) {
     a->bind(gep);
     a->listen(srv.opts.backlog);
     a->native_non_blocking(true);  // accept_raw must not block
-    asio::ip::tcp::endpoint bound;
     const auto local = a->local_endpoint();
-    std::memcpy(bound.data(), local.data(), std::min<std::size_t>(local.size(), sizeof(sockaddr_in6)));
-    srv.endpoints.push_back(to_string(bound));
+    srv.endpoints.push_back(tcp_name(local.data(), local.size()));
     srv.acceptors.push_back(std::move(a));
   }
   for (const auto& path : srv.opts.unix_paths) {

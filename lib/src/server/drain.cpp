@@ -54,12 +54,11 @@ void server_state::start_drain() {
 // a new exchange, for the grace at least, with no input in the kernel either.
 void server_state::close_idle(worker& w) {
   const auto cutoff = clock::now() - opts.drain_idle_grace;
-  for (connection_impl& conn : w.connections) {
-    connection_impl* c = &conn;
-    if (!c->tcp().idle_since(cutoff)) continue;
-    c->drained = true;
-    c->tcp().note_server_drain();
-    c->async_close(close_policy::graceful, [](close_report) {});
+  for (connection_impl& c : w.connections) {
+    if (!c.tcp().idle_since(cutoff)) continue;
+    c.drained = true;
+    c.tcp().note_server_drain();
+    c.async_close(close_policy::graceful, [](close_report) {});
   }
 }
 
@@ -71,12 +70,11 @@ void server_state::drain_pass(worker& w, clock::time_point deadline) {
   const auto now = clock::now();
   const bool force = now >= deadline;
   if (force) {
-    for (connection_impl& conn : w.connections) {
-      connection_impl* c = &conn;
-      if (c->tcp().state().closing()) continue;
-      c->forced = true;
+    for (connection_impl& c : w.connections) {
+      if (c.tcp().state().closing()) continue;
+      c.forced = true;
       forced.fetch_add(1, std::memory_order_relaxed);
-      c->async_close(close_policy::abortive, [](close_report) {});
+      c.async_close(close_policy::abortive, [](close_report) {});
     }
   } else {
     // Decided one turn of the queue later: a read that has completed with
