@@ -270,8 +270,14 @@ void adopt_listener(server_state& srv, int fd) {
   if (family == AF_UNIX) {
     const auto& un = reinterpret_cast<const sockaddr_un&>(addr);
     const std::size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
-    std::string path(un.sun_path, ::strnlen(un.sun_path, n));
-    srv.endpoints.push_back("unix:" + (path.empty() && n > 1 ? "@" + std::string(un.sun_path + 1, n - 1) : path));
+    // An abstract socket's name starts with a NUL byte: it is shown after '@'.
+    const bool abstract = n > 1 && un.sun_path[0] == '\0';
+    std::string name = abstract ? "unix:@" : "unix:";
+    if (abstract)
+      name.append(un.sun_path + 1, n - 1);
+    else
+      name.append(un.sun_path, ::strnlen(un.sun_path, n));
+    srv.endpoints.push_back(std::move(name));
   } else {
     srv.endpoints.push_back(tcp_name(&addr, len));
   }
