@@ -31,4 +31,8 @@ const std::vector<framing_case>& framing_cases();
 /// per case. Fails when any case desyncs.
 row check_framing(const options& opts);
 
+/// Runs the one case named `name` (as check_framing would) and returns its
+/// row; a row with verdict::skip when no case has that name.
+row check_framing_case(const std::string& name, const options& opts);
+
 }  // namespace closewise::check
