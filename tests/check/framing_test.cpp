@@ -22,6 +22,7 @@
 
 #include "check/framing.hpp"
 #include "closewise/server.hpp"
+#include "closewise/tls.hpp"
 #include "reqresp/http_session.hpp"
 
 using namespace closewise;
@@ -236,7 +237,29 @@ TEST(framing, closewise_reqresp_passes_every_case) {
     EXPECT_NE(c.result, verdict::skip) << c.name << ": " << c.reason;
     EXPECT_FALSE(c.observed.empty()) << c.name;
   }
+  // A GET may carry a body (framed as any other); Content-Length with
+  // Transfer-Encoding is refused.
+  EXPECT_EQ(outcome(r, "get-cl-body"), "lenient") << table(r);
+  EXPECT_EQ(outcome(r, "cl-te"), "rejected") << table(r);
   std::cout << r.observed << "\n" << table(r);
+}
+
+TEST(framing, closewise_reqresp_over_tls_passes_every_case) {
+  server_options so;
+  so.listen = {"127.0.0.1:0"};
+  so.threads = 1;
+  so.tls = std::make_shared<asio::ssl::context>(make_server_context(make_self_signed_certificate()));
+  reqresp::http_server s(so, {});
+  options o;
+  o.target = s.endpoint();
+  o.tls = true;
+  const row r = check_framing(o);
+  EXPECT_EQ(r.result, verdict::pass) << r.observed << "\n" << table(r);
+  EXPECT_EQ(r.facts.value("desync", 1), 0) << table(r);
+  for (const auto& c : r.cases) EXPECT_NE(c.result, verdict::skip) << c.name << ": " << c.reason;
+  // The requests got through the TLS layer: a valid framing is answered twice.
+  EXPECT_EQ(outcome(r, "get-cl-body"), "lenient") << table(r);
+  EXPECT_EQ(outcome(r, "cl-te"), "rejected") << table(r);
 }
 
 TEST(framing, an_unknown_case_is_skipped_and_a_dead_target_skips) {
