@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
-#include <cstdio>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -109,11 +108,10 @@ std::string chunk_hiding_request(const request_parts& p, std::string_view reques
 // Content-Length reference, chunked wrong: the body is a last chunk and the
 // hidden request; a parser that reads it as chunked ends at the last chunk.
 std::string te_hiding_body(const request_parts& p) { return std::string("0\r\n\r\n").append(hidden_get(p)); }
-std::string te_hiding_request(const request_parts& p, std::string_view fields_before_cl,
-                              std::string_view fields_after_cl = {}) {
+std::string te_hiding_request(const request_parts& p, std::string_view fields_before_cl) {
   const std::string body = te_hiding_body(p);
   std::string fields(fields_before_cl);
-  fields.append("Content-Length: ").append(std::to_string(body.size())).append("\r\n").append(fields_after_cl);
+  fields.append("Content-Length: ").append(std::to_string(body.size())).append("\r\n");
   return head("POST / HTTP/1.1", p, fields) + body;
 }
 
@@ -451,13 +449,13 @@ struct answers {
   bool garbage = false;  // bytes that are no response
 };
 
-std::string_view lower_trim(std::string& buf, std::string_view s) {
+std::string lower_trimmed(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
   while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-  buf.assign(s);
-  std::transform(buf.begin(), buf.end(), buf.begin(),
+  std::string out(s);
+  std::transform(out.begin(), out.end(), out.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  return buf;
+  return out;
 }
 
 // Skips a chunked body at `pos`; npos if it is incomplete or malformed.
@@ -487,7 +485,6 @@ std::size_t skip_chunked(std::string_view s, std::size_t pos) {
 answers parse_answers(std::string_view s) {
   answers a;
   std::size_t pos = 0;
-  std::string buf;
   while (pos < s.size()) {
     const auto end = s.find("\r\n\r\n", pos);
     if (!s.substr(pos).starts_with("HTTP/1.")) {
@@ -507,9 +504,8 @@ answers parse_answers(std::string_view s) {
           head_text.substr(line + 2, next == std::string_view::npos ? next : next - line - 2);
       const auto colon = field.find(':');
       if (colon != std::string_view::npos) {
-        std::string name;
-        lower_trim(name, field.substr(0, colon));
-        const std::string_view value = lower_trim(buf, field.substr(colon + 1));
+        const std::string name = lower_trimmed(field.substr(0, colon));
+        const std::string value = lower_trimmed(field.substr(colon + 1));
         if (name == "content-length") {
           std::uint64_t n = 0;
           if (std::from_chars(value.data(), value.data() + value.size(), n).ec == std::errc{}) length = n;
@@ -542,11 +538,13 @@ answers parse_answers(std::string_view s) {
 // or 405 to "POST /").
 bool refusal_status(int s) { return s >= 500 || (s >= 400 && s != 401 && s != 403 && s != 404 && s != 405); }
 
+// How a case went; the row's verdict fails only on a desync.
+enum outcome : int { rejected, lenient, desync, unanswered };
+constexpr int outcome_count = 4;
 std::string_view outcome_name(int o) {
-  static constexpr std::string_view names[] = {"rejected", "lenient", "desync", "unanswered"};
+  static constexpr std::string_view names[outcome_count] = {"rejected", "lenient", "desync", "unanswered"};
   return names[o];
 }
-enum outcome : int { rejected, lenient, desync, unanswered };
 
 std::string statuses_text(const std::vector<int>& st) {
   std::string s;
@@ -713,7 +711,7 @@ row check_framing(const options& opts) {
   r.expected =
       "every ambiguous or invalid framing refused (400/501 and a close) or framed consistently; no request "
       "hidden in a body ever answered";
-  std::size_t counts[4] = {};
+  std::size_t counts[outcome_count] = {};
   std::size_t skipped = 0;
   std::vector<std::string> desynced;
   for (const auto& d : case_table()) {
@@ -722,7 +720,7 @@ row check_framing(const options& opts) {
       ++skipped;
     } else {
       const std::string o = c.facts.value("outcome", "");
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < outcome_count; ++i) {
         if (o == outcome_name(i)) ++counts[i];
       }
       if (c.result == verdict::fail) desynced.push_back(c.name);

@@ -52,7 +52,8 @@ std::string lower(std::string s) {
 // close. "/" answers 200, any other path 404, a line that is no request 400.
 class lenient_server {
  public:
-  lenient_server() {
+  /// `silent`: read everything, answer nothing (until the client closes).
+  explicit lenient_server(bool silent = false) : silent_(silent) {
     listen_ = ::socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;
@@ -87,7 +88,11 @@ class lenient_server {
       if (p[1].revents) return;
       const int fd = ::accept(listen_, nullptr, nullptr);
       if (fd < 0) continue;
-      connections_.emplace_back([fd] { serve(fd); });
+      if (silent_) {
+        connections_.emplace_back([fd] { drain(fd); });
+      } else {
+        connections_.emplace_back([fd] { serve(fd); });
+      }
     }
   }
 
@@ -154,15 +159,18 @@ class lenient_server {
   // A graceful close: our FIN, then read the rest until the peer's FIN (a
   // close with unread bytes would be a RST that destroys the answers).
   static void finish(int fd, bool graceful) {
-    if (graceful) {
-      ::shutdown(fd, SHUT_WR);
-      char sink[4096];
-      while (readable(fd) && ::recv(fd, sink, sizeof sink, 0) > 0) {
-      }
+    if (graceful) ::shutdown(fd, SHUT_WR);
+    drain(fd);
+  }
+  // Reads until the peer's FIN (or the bound), then closes.
+  static void drain(int fd) {
+    char sink[4096];
+    while (readable(fd) && ::recv(fd, sink, sizeof sink, 0) > 0) {
     }
     ::close(fd);
   }
 
+  bool silent_ = false;
   int listen_ = -1;
   int stop_[2] = {-1, -1};
   std::string endpoint_;
@@ -260,6 +268,21 @@ TEST(framing, closewise_reqresp_over_tls_passes_every_case) {
   // The requests got through the TLS layer: a valid framing is answered twice.
   EXPECT_EQ(outcome(r, "get-cl-body"), "lenient") << table(r);
   EXPECT_EQ(outcome(r, "cl-te"), "rejected") << table(r);
+}
+
+// A server that never answers costs a case its bound and no verdict of
+// desync: nothing was executed. The bound is the test's own (a silent
+// server stays silent however slow the machine).
+TEST(framing, a_silent_server_is_unanswered_within_the_bound) {
+  lenient_server s(true);
+  options o;
+  o.target = s.endpoint();
+  o.wait_limit = std::chrono::milliseconds(300);
+  const row r = check_framing_case("cl-te", o);
+  EXPECT_EQ(r.result, verdict::pass) << r.observed;
+  EXPECT_EQ(r.facts.value("outcome", std::string()), "unanswered") << r.observed;
+  EXPECT_EQ(r.facts.value("responses", 1), 0);
+  EXPECT_EQ(r.facts.value("end", std::string()), "timeout");
 }
 
 TEST(framing, an_unknown_case_is_skipped_and_a_dead_target_skips) {
