@@ -9,6 +9,14 @@
 // framed consistently) is reported and passes; a rejection (400, or a close)
 // passes.
 //
+// How a case tells: after the malformed request and the hidden one comes a
+// final "GET /" with Connection: close, so a server that frames the bytes
+// consistently answers exactly twice and closes, and one that executed the
+// hidden request answers three times (or refuses body bytes with a 400 after
+// its first answer). A case waits at most min(wait_limit, 2 s) for the
+// server's answers and close; a server that answers nothing in that time is
+// reported "unanswered" (nothing was executed, so it passes).
+//
 // Thread-safety: as check.hpp.
 
 #include <string>
