@@ -9,6 +9,14 @@
 // framed consistently) is reported and passes; a rejection (400, or a close)
 // passes.
 //
+// How a case tells: after the malformed request and the hidden one comes a
+// final "GET /" with Connection: close, so a server that frames the bytes
+// consistently answers exactly twice and closes, and one that executed the
+// hidden request answers three times (or refuses body bytes with a 400 after
+// its first answer). A case waits at most min(wait_limit, 2 s) for the
+// server's answers and close; a server that answers nothing in that time is
+// reported "unanswered" (nothing was executed, so it passes).
+//
 // Thread-safety: as check.hpp.
 
 #include <string>
@@ -30,5 +38,9 @@ const std::vector<framing_case>& framing_cases();
 /// Runs the battery against `opts.target`; the row's `cases` hold one row
 /// per case. Fails when any case desyncs.
 row check_framing(const options& opts);
+
+/// Runs the one case named `name` (as check_framing would) and returns its
+/// row; a row with verdict::skip when no case has that name.
+row check_framing_case(const std::string& name, const options& opts);
 
 }  // namespace closewise::check
