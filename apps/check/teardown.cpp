@@ -118,20 +118,30 @@ row check_late_pipelined(const options& opts) {
 }
 
 row check_half_close(const options& opts) {
-  row out = titled("half-close", "request, then the client's FIN",
+  row out = titled("half-close", "request, then the client's FIN at once",
                    "the whole response after the client's shutdown(SHUT_WR), then EOF");
-  response_read r;
-  auto c = large_exchange(out, opts, 0, get_request(opts, large_path(opts, opts.large_size), false), r);
+  auto c = open_with_request(out, opts, 0, get_request(opts, large_path(opts, opts.large_size), false));
   if (!c) return out;
-  // The head is in: the server read the request before our FIN arrives, so a
-  // server that takes the FIN for the end is caught in the act of writing.
-  // Over TLS the half-close is close_notify with the FIN.
+  // The FIN right behind the request: a server that takes it for the end
+  // never answers. Over TLS the half-close is close_notify with the FIN.
   if (c->tls) {
     (void)c->tls->send_close_notify_and_fin(opts.wait_limit);
   } else {
     c->raw.shutdown_write();
   }
+  response_read r;
+  r.check_pattern = checks_pattern(opts);
   c->read(r, demo::until_end, opts.wait_limit);
+  if (r.head_complete) {
+    if (auto why = large_unusable(opts, r); !why.empty()) return skip(out, why);
+  }
+  if (!r.head_complete && r.end != read_end::timeout) {
+    out.observed = describe(r);
+    add_read_facts(out, r);
+    return fail(out, fmt::format("the server ended the connection ({}) without answering: it took the client's "
+                                 "FIN for the end of the exchange",
+                                 end_fact(r.end)));
+  }
   return grade_whole(out, r, "the server reset the connection after the client's FIN");
 }
 
