@@ -161,10 +161,9 @@ std::vector<error_case> error_cases(const options& opts) {
   big_body.append(64 * 1024, 'b');
   std::string bad_line = "NOT AN HTTP REQUEST LINE\r\n" + host + "\r\n";
   bad_line.append(get_request(opts, small_path(), false));
-  return {
-      {"oversized-header", "a 64 KiB header line", std::move(big_header)},
-      {"oversized-body", "Content-Length 1 GiB, 64 KiB of it sent, the rest pending", std::move(big_body)},
-      {"malformed-request-line", "a request line that is not HTTP, a valid request behind it", std::move(bad_line)}};
+  return {{"oversized-header", "a 64 KiB header line", std::move(big_header)},
+          {"oversized-body", "Content-Length 1 GiB, 64 KiB of it sent, the rest pending", std::move(big_body)},
+          {"bad-request-line", "a request line that is not HTTP, a valid request behind it", std::move(bad_line)}};
 }
 
 row error_case_row(const options& opts, const error_case& ec) {
