@@ -33,10 +33,11 @@ using closewise::test::broken_server;
 
 namespace {
 
-std::unique_ptr<reqresp::http_server> start_reqresp(bool tls = false) {
+std::unique_ptr<reqresp::http_server> start_reqresp(bool tls = false, close_policy policy = close_policy::graceful) {
   server_options so;
   so.listen = {"127.0.0.1:0"};
   so.threads = 1;
+  so.policy = policy;
   so.stream.idle_timeout = 1s;
   so.stream.read_timeout = 1s;
   so.stream.write_timeout = 1s;
@@ -230,6 +231,37 @@ TEST(check, close_wait_fails_when_the_server_ignores_a_clients_fin) {
   const row r = against({.leak_on_eof = true}, "close-wait", true);
   EXPECT_EQ(r.result, verdict::fail) << explain(r);
   EXPECT_EQ(r.facts.value("left_in_close_wait", 0), 3) << explain(r);
+}
+
+// The same traps in closewise-reqresp itself, with a teardown policy that
+// falls into them: fin_close closes with the pipelined request unread (the
+// kernel's RST), abortive sends no close_notify.
+TEST(check, late_pipelined_fails_against_reqresp_with_fin_close) {
+  const auto srv = start_reqresp(false, close_policy::fin_close);
+  const row r = run_one(generous(srv->endpoint()), "late-pipelined");
+  EXPECT_EQ(r.result, verdict::fail) << explain(r);
+  EXPECT_EQ(r.facts.value("end", ""), "reset") << explain(r);
+}
+
+TEST(check, tls_close_notify_fails_against_reqresp_with_abortive_close) {
+  const auto srv = start_reqresp(true, close_policy::abortive);
+  options o = generous(srv->endpoint());
+  o.tls = true;
+  const row r = run_one(o, "tls-close-notify");
+  EXPECT_EQ(r.result, verdict::fail) << explain(r);
+  EXPECT_EQ(r.facts.value("end", ""), "reset") << explain(r);
+}
+
+// A "TLS port" that answers plain HTTP and then keeps the connection open
+// forever: the check must call it a hang, within its bound.
+TEST(check, tls_plain_to_tls_fails_against_a_port_that_never_ends_the_connection) {
+  broken_server srv({.no_timeouts = true});
+  options o = short_limits(srv.endpoint());
+  o.tls = true;
+  o.wait_limit = 3s;
+  const row r = run_one(o, "tls-plain-to-tls");
+  EXPECT_EQ(r.result, verdict::fail) << explain(r);
+  EXPECT_EQ(r.facts.value("end", ""), "timeout") << explain(r);
 }
 
 // ---- the binary ------------------------------------------------------------
