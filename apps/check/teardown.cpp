@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <thread>
 #include <vector>
 
@@ -222,19 +223,23 @@ row check_slow_reader(const options& opts) {
   const bool local = is_local_target(opts.target);
   const std::uint16_t server_port = target_port(opts);
   const auto start = clock::now();
-  std::string how;
+  std::string how;    // "rst", "fin" or "gone", for the facts
+  std::string words;  // the same for the table
   while (how.empty() && clock::now() - start < opts.slow_limit) {
     // Our own socket shows a RST at once (CLOSE); a FIN waits behind the
     // unsent bytes, so only the server's socket shows it (local targets).
     if (probe(c->raw.fd(), probe_state).state == tcp_state::close) {
-      how = "RST";
+      how = "rst";
+      words = "RST";
       break;
     }
     if (local) {
       const auto v = demo::look(server_port, c->port);
       if (!v.error && v.server_side != tcp_state::established) {
-        how = v.server_side ? fmt::format("close (server socket {})", to_string(*v.server_side))
-                            : std::string("close (server socket gone)");
+        how = v.server_side ? "fin" : "gone";
+        words = v.server_side
+                    ? fmt::format("FIN, queued behind the unsent bytes (server socket {})", to_string(*v.server_side))
+                    : std::string("server socket gone");
         break;
       }
     }
@@ -252,7 +257,7 @@ row check_slow_reader(const options& opts) {
   out.facts["ended"] = true;
   out.facts["how"] = how;
   add_read_facts(out, r);
-  out.observed = fmt::format("{} after {:.1f} s; reading on: {}", how, ms / 1000.0, describe(r));
+  out.observed = fmt::format("{} after {:.1f} s; reading on: {}", words, ms / 1000.0, describe(r));
   return pass(out);
 }
 
