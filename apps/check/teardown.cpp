@@ -143,6 +143,13 @@ row check_half_close(const options& opts) {
                                  "FIN for the end of the exchange",
                                  end_fact(r.end)));
   }
+  if (r.head_complete && !r.complete() && r.end == read_end::eof) {
+    out.observed = describe(r);
+    add_read_facts(out, r);
+    return fail(out,
+                "the server stopped writing and closed once it saw the client's FIN: it took the half-close "
+                "for the end of the exchange");
+  }
   return grade_whole(out, r, "the server reset the connection after the client's FIN");
 }
 
