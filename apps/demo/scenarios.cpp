@@ -29,13 +29,9 @@ constexpr int small_rcvbuf = 64 * 1024;
 // A request pipelined behind the first one, sent after the server read that one.
 constexpr std::string_view pipelined = "GET / HTTP/1.1\r\nHost: demo\r\n\r\n";
 
-// ---- the kernel's view of one connection -----------------------------------
+}  // namespace
 
-struct pair_view {
-  std::optional<tcp_state> server_side;  // nullopt: not listed
-  std::optional<tcp_state> client_side;
-  bool error = false;
-};
+// ---- the kernel's view of one connection -----------------------------------
 
 pair_view look(std::uint16_t server_port, std::uint16_t client_port) {
   pair_view v;
@@ -77,12 +73,6 @@ bool wait_acknowledged(const raw_client& c, std::chrono::milliseconds limit) {
   }
 }
 
-struct time_wait_view {
-  time_wait_holder holder = time_wait_holder::unknown;
-  std::string detail;
-  bool settled = false;
-};
-
 // Once both ends are closed: waits until every socket of the connection is in
 // TIME_WAIT or gone, then says whose TIME_WAIT it is.
 time_wait_view observe_time_wait(std::uint16_t server_port, std::uint16_t client_port, bool server_visible,
@@ -122,6 +112,8 @@ time_wait_view observe_time_wait(std::uint16_t server_port, std::uint16_t client
     std::this_thread::sleep_for(1ms);  // polling kernel state, not synchronising threads
   }
 }
+
+namespace {
 
 // ---- one scenario's setting ---------------------------------------------
 

@@ -42,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "closewise/probe.hpp"
 #include "closewise/report.hpp"
 #include "demo/client.hpp"
 
@@ -65,6 +66,35 @@ struct options {
 /// Who ends up holding TIME_WAIT, as sock_diag lists it.
 enum class time_wait_holder : std::uint8_t { none, client, server, both, unknown };
 std::string_view to_string(time_wait_holder) noexcept;
+
+/// The kernel's view of one connection (sock_diag): the state of the
+/// server's socket and of the client's; nullopt where a side is not listed.
+struct pair_view {
+  std::optional<tcp_state> server_side;
+  std::optional<tcp_state> client_side;
+  bool error = false;  ///< sock_diag failed
+};
+pair_view look(std::uint16_t server_port, std::uint16_t client_port);
+
+/// Waits until the server's socket of this connection left ESTABLISHED: it
+/// sent its FIN or is gone (tcp_state::unknown). nullopt at the limit.
+std::optional<tcp_state> wait_server_left_established(std::uint16_t server_port, std::uint16_t client_port,
+                                                      std::chrono::milliseconds limit);
+
+/// Waits until the peer's kernel acknowledged everything `c` sent (SIOCOUTQ 0).
+bool wait_acknowledged(const raw_client& c, std::chrono::milliseconds limit);
+
+/// Who holds TIME_WAIT once a connection settled, in words too.
+struct time_wait_view {
+  time_wait_holder holder = time_wait_holder::unknown;
+  std::string detail;
+  bool settled = false;  ///< every socket of the connection in TIME_WAIT or gone
+};
+/// Once both ends are closed: waits (at most `limit`) until every socket of
+/// the connection is in TIME_WAIT or gone, then says whose TIME_WAIT it is.
+/// `server_visible`: the server's sockets are in this machine's kernel.
+time_wait_view observe_time_wait(std::uint16_t server_port, std::uint16_t client_port, bool server_visible,
+                                 std::chrono::milliseconds limit);
 
 /// One scenario's outcome.
 struct scenario_result {
