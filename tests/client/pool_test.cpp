@@ -34,12 +34,14 @@
 #include "../support/loopback.hpp"
 #include "closewise/client_pool.hpp"
 #include "closewise/http_client.hpp"
+#include "poolsweep/sweep.hpp"
 #include "reqresp/http_session.hpp"
 
 using namespace closewise;
 using namespace closewise::test;
 using namespace std::chrono_literals;
 namespace rr = closewise::reqresp;
+namespace ps = closewise::poolsweep;
 
 namespace {
 
@@ -104,83 +106,7 @@ http_result run_request(asio::io_context& ioc, http_client& client, const std::s
   return out;
 }
 
-// ---- the sweep -------------------------------------------------------------
-
-struct sweep {
-  client_pool* pool = nullptr;
-  http_client* client = nullptr;
-  std::string target;
-  http::verb method = http::verb::get;
-  std::uint64_t want_reuses = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t failures = 0;
-  std::uint64_t stale = 0;           // failures that were stale_reuse_not_retried
-  std::uint64_t stale_written = 0;   // ... whose request was fully written
-  std::uint64_t other_failures = 0;  // failures of any other error
-  std::map<std::string, std::uint64_t> errors;
-  std::uint64_t next_id = 0;
-  unsigned running = 0;
-};
-
-// One pool user: a request, then a gap drawn uniformly from [180, 220] ms
-// around the server's 200 ms idle timeout, until the pool reused enough.
-asio::awaitable<void> sweep_user(sweep* s, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> gap_ms(180, 220);
-  asio::steady_timer gap(co_await asio::this_coro::executor);
-  while (s->pool->stats().reuses < s->want_reuses) {
-    const std::string id = std::to_string(++s->next_id);
-    auto req = make_request(s->method, s->method == http::verb::get ? "/bytes/64" : "/count", id);
-    request_timeouts t;
-    t.whole = 20s;  // a bound, not a measurement: the machine may be busy
-    http_result r = co_await s->client->request(s->target, std::move(req), t);
-    ++s->requests;
-    if (r.ec || r.response.result() != http::status::ok) {
-      ++s->failures;
-      ++s->errors[r.ec ? r.ec.message() : std::to_string(r.response.result_int())];
-      if (r.ec == errc::stale_reuse_not_retried) {
-        ++s->stale;
-        if (r.request_fully_written) ++s->stale_written;
-      } else {
-        ++s->other_failures;
-      }
-    }
-    gap.expires_after(std::chrono::milliseconds(gap_ms(rng)));
-    co_await gap.async_wait(use_tuple);
-  }
-  --s->running;
-}
-
-void run_sweep(asio::io_context& ioc, sweep& s, unsigned users) {
-  s.running = users;
-  for (unsigned i = 0; i < users; ++i) asio::co_spawn(ioc, sweep_user(&s, 1000 + i), asio::detached);
-  // About 2.5 requests per user per second, half of them reuses: the
-  // watchdog is far beyond that, for a busy machine.
-  const auto limit = std::chrono::milliseconds(60000 + s.want_reuses * 40);
-  ASSERT_TRUE(run_until(
-      ioc, [&] { return s.running == 0; }, limit))
-      << "sweep did not finish";
-}
-
-std::string describe_errors(const sweep& s) {
-  std::string out;
-  for (const auto& [what, n] : s.errors) out.append(what).append(": ").append(std::to_string(n)).append("; ");
-  return out;
-}
-
-void print_line(const char* what, const sweep& s, const pool_stats& st) {
-  std::printf(
-      "pool: %s requests=%llu reuses=%llu retries=%llu fins_seen_idle=%llu resets_seen_idle=%llu "
-      "dropped_at_reuse=%llu idle_expired=%llu connects=%llu failures=%llu stale_reuse_not_retried=%llu "
-      "(fully written %llu)\n",
-      what, static_cast<unsigned long long>(s.requests), static_cast<unsigned long long>(st.reuses),
-      static_cast<unsigned long long>(st.retries), static_cast<unsigned long long>(st.fins_seen_idle),
-      static_cast<unsigned long long>(st.resets_seen_idle), static_cast<unsigned long long>(st.dropped_at_reuse),
-      static_cast<unsigned long long>(st.idle_expired), static_cast<unsigned long long>(st.connects),
-      static_cast<unsigned long long>(s.failures), static_cast<unsigned long long>(s.stale),
-      static_cast<unsigned long long>(s.stale_written));
-  std::fflush(stdout);
-}
+// ---- the sweep (apps/poolsweep, as closewise-pool-sweep runs it) ----------
 
 server_options idle_200ms_server() {
   server_options o;
@@ -190,37 +116,27 @@ server_options idle_200ms_server() {
   return o;
 }
 
-pool_options sweep_pool(unsigned users) {
-  pool_options o;
-  o.max_connections_per_target = users;
-  // Longer than the server's 200 ms, which sends no Keep-Alive hint under a
-  // second: the server closes first, and the race is the pool's to survive.
-  o.idle_timeout = 30s;
-  return o;
-}
-
-// Runs the sweep of `users` against `target` on an io_context of its own,
-// prints its line, and lets every connection close before returning.
-sweep sweep_against(const std::string& target, http::verb method, unsigned users, std::uint64_t want_reuses,
-                    pool_stats& stats) {
-  asio::io_context ioc;
-  sweep s;
-  {
-    client_pool pool(ioc.get_executor(), sweep_pool(users));
-    http_client client(pool);
-    s.pool = &pool;
-    s.client = &client;
-    s.target = target;
-    s.method = method;
-    s.want_reuses = want_reuses;
-    run_sweep(ioc, s, users);
-    stats = pool.stats();
-    print_line(method == http::verb::get ? "GET" : "POST", s, stats);
-    s.pool = nullptr;
-    s.client = nullptr;
-  }
-  settle(ioc);
-  return s;
+// `users` reuse connections to `target` with gaps of 200 +- 20 ms around
+// its 200 ms idle timeout. The pool's own idle limit is longer (the server
+// sends no Keep-Alive hint under a second): the server closes first, and
+// the race is the pool's to survive.
+ps::sweep_result sweep_against(const std::string& target, http::verb method, unsigned users, std::uint64_t reuses) {
+  ps::sweep_config c;
+  c.target = target;
+  c.method = method;
+  c.path = method == http::verb::get ? "/bytes/64" : "/count";
+  c.users = users;
+  c.reuses = reuses;
+  c.pool.idle_timeout = 30s;
+  // About 2.5 requests per user per second, half of them reuses: the
+  // limit is far beyond that, for a busy machine.
+  c.limit = std::chrono::milliseconds(60000 + reuses * 40);
+  const ps::sweep_result r = ps::run_pool_sweep(c);
+  std::printf("pool: %s %s\n", method == http::verb::get ? "GET" : "POST", r.line().c_str());
+  std::printf("pool: %s\n", r.stats.describe().c_str());
+  std::fflush(stdout);
+  EXPECT_TRUE(r.finished);
+  return r;
 }
 
 // The race sweep: 300 users reuse connections to closewise-reqresp
@@ -230,11 +146,10 @@ TEST(client_pool, race_sweep_get_no_failures) {
   const std::size_t sockets_before = sockets_open();
   {
     rr::http_server srv(idle_200ms_server(), {});
-    pool_stats st;
-    const sweep s = sweep_against(srv.endpoint(), http::verb::get, 300, sweep_reuses(), st);
-    std::printf("pool: %s\n", st.describe().c_str());
-    EXPECT_EQ(s.failures, 0u) << describe_errors(s);
-    EXPECT_GE(st.reuses, s.want_reuses);
+    const auto s = sweep_against(srv.endpoint(), http::verb::get, 300, sweep_reuses());
+    const pool_stats& st = s.stats;
+    EXPECT_EQ(s.failures, 0u) << s.describe_errors();
+    EXPECT_GE(st.reuses, sweep_reuses());
     EXPECT_GT(st.fins_seen_idle, 0u);
     EXPECT_EQ(st.failed_connection + st.failed_protocol + st.failed_timeout + st.failed_stale_reuse_not_retried, 0u);
   }
@@ -312,11 +227,11 @@ TEST(client_pool, race_sweep_post_never_twice) {
   const std::size_t sockets_before = sockets_open();
   {
     counting_server srv;
-    pool_stats st;
-    const sweep s =
-        sweep_against(srv.endpoint(), http::verb::post, 200, std::max<std::uint64_t>(1000, sweep_reuses() / 4), st);
+    const auto s =
+        sweep_against(srv.endpoint(), http::verb::post, 200, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
+    const pool_stats& st = s.stats;
     EXPECT_EQ(srv.counter().duplicates(), 0u);
-    EXPECT_EQ(s.other_failures, 0u) << describe_errors(s);
+    EXPECT_EQ(s.other_failures, 0u) << s.describe_errors();
     EXPECT_EQ(s.stale, st.failed_stale_reuse_not_retried);
     EXPECT_EQ(st.retries, 0u);  // POST without Idempotency-Key: never sent twice
     // Each answered POST ran once; a stale one may or may not have run.
