@@ -119,7 +119,9 @@ asio::awaitable<attempt_outcome> exchange(pool_lease& lease, http_request& req, 
 asio::awaitable<http_result> request_on(client_pool* pool, std::string target, http_request req, request_timeouts t) {
   const auto deadline = clock::now() + t.whole;
   http_result result;
-  if (req.find(http::field::host) == req.end()) req.set(http::field::host, target);
+  // A Unix socket has no host name to give: "localhost", as curl sends.
+  if (req.find(http::field::host) == req.end())
+    req.set(http::field::host, target.starts_with("unix:") ? "localhost" : target);
   req.keep_alive(true);
   req.prepare_payload();
   const bool repeatable = may_retry(req);

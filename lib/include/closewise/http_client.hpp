@@ -87,7 +87,8 @@ class CLOSEWISE_API http_client {
 
   /// Sends `req` to `target` ("HOST:PORT" or "unix:PATH") and reads the
   /// response. Sets Host (to `target`) if missing, the body's length, and
-  /// keep-alive; errors are values (see http_result).
+  /// keep-alive; errors are values (see http_result). For "unix:PATH" the
+  /// Host is "localhost".
   asio::awaitable<http_result> request(std::string target, http_request req, request_timeouts t = {});
 
   client_pool& pool() noexcept { return *pool_; }
