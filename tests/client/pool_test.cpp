@@ -9,8 +9,10 @@
 #include <sys/socket.h>
 
 #include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -30,7 +32,9 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
 
+#include "../support/child_process.hpp"
 #include "../support/descriptors.hpp"
+#include "../support/external_tools.hpp"
 #include "../support/loopback.hpp"
 #include "closewise/client_pool.hpp"
 #include "closewise/http_client.hpp"
@@ -154,6 +158,39 @@ TEST(client_pool, race_sweep_get_no_failures) {
     EXPECT_EQ(st.failed_connection + st.failed_protocol + st.failed_timeout + st.failed_stale_reuse_not_retried, 0u);
   }
   EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// The same sweep against nginx with keepalive_timeout 200ms, a server we did
+// not write, on a Unix socket in a directory of the test's own (no port to
+// race for). A quarter of the reuses, to keep the suite's budget. Skipped,
+// saying why, where nginx is missing.
+TEST(client_pool, race_sweep_get_against_nginx) {
+  const auto nginx = find_program("nginx");
+  if (!nginx) GTEST_SKIP() << "nginx not installed";
+  temp_dir dir;
+  const std::string sock = dir.file("nginx.sock");
+  {
+    std::ofstream conf(dir.file("nginx.conf"));
+    conf << "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\n"
+         << "pid " << dir.file("nginx.pid") << ";\n"
+         << "events { worker_connections 4096; }\n"
+         << "http {\n  access_log off;\n  keepalive_timeout 200ms;\n  keepalive_requests 1000000;\n";
+    for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"}) {
+      conf << "  " << t << "_temp_path " << dir.file(t) << ";\n";
+    }
+    conf << "  server {\n    listen unix:" << sock << ";\n    location / { return 200 \"ok\\n\"; }\n  }\n}\n";
+  }
+  child server({*nginx, "-p", dir.path(), "-c", dir.file("nginx.conf")}, dir.file("nginx.err"));
+  ASSERT_TRUE(server.started());
+  const auto end = clock_type::now() + 20s;
+  while (connect_unix(sock).fd() < 0 && clock_type::now() < end) {
+    std::this_thread::sleep_for(10ms);  // nginx prints nothing when it is ready
+  }
+  ASSERT_GE(connect_unix(sock).fd(), 0) << "nginx did not listen";
+  const auto s = sweep_against("unix:" + sock, http::verb::get, 300, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
+  EXPECT_EQ(s.failures, 0u) << s.describe_errors();
+  EXPECT_GT(s.stats.fins_seen_idle, 0u);
+  server.signal(SIGQUIT);
 }
 
 // ---- POST: a server that counts each request's executions ------------------
