@@ -141,7 +141,22 @@ struct response_head {
   std::uint64_t length = 0;
   bool keep_alive = true;
   std::string_view allow;  // 405
+  // Kept-alive responses say how long the connection may wait for the next
+  // request (Keep-Alive: timeout=N), so that a client that honours the hint
+  // closes an idle connection before we do. 0: no hint.
+  std::uint64_t keep_alive_seconds = 0;
 };
+
+// The Keep-Alive hint for an idle timeout: whole seconds, rounded down, so a
+// client that waits up to N seconds never meets our close (RFC 9112 has no
+// field for this; the timeout parameter is the one Node, undici, Apache and
+// nginx's keepalive_timeout header send). Under one second (e.g. 0.2 s) the
+// only honest whole number is 0, which clients read as "do not reuse", while
+// the connection is in fact kept: no hint is sent then, nor without an idle
+// timeout.
+std::uint64_t keep_alive_hint(std::chrono::milliseconds idle) noexcept {
+  return idle.count() > 0 ? static_cast<std::uint64_t>(idle.count() / 1000) : 0;
+}
 
 void append_number(std::string& out, std::uint64_t v) {
   char digits[24];
@@ -169,6 +184,10 @@ void format_head(std::string& out, const response_head& h) {
   // As beast's keep_alive(): 1.1 says when it closes, 1.0 when it stays.
   if (h.version >= 11 && !h.keep_alive) out += "\r\nConnection: close";
   if (h.version == 10 && h.keep_alive) out += "\r\nConnection: keep-alive";
+  if (h.keep_alive && h.keep_alive_seconds > 0) {
+    out += "\r\nKeep-Alive: timeout=";
+    append_number(out, h.keep_alive_seconds);
+  }
   out += "\r\n\r\n";
 }
 
@@ -235,13 +254,14 @@ std::string stats_text(const http_service& svc, route which) {
 // write's error. `ready`: what GET /ready answers (connection::ready).
 template <class Stream>
 asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& head_buffer, request& req,
-                                  bool keep_alive, bool ready) {
+                                  bool keep_alive, bool ready, std::uint64_t keep_alive_seconds) {
   const bool head = req.method() == http::verb::head;
   const route_match m = match_route(req.method(), std::string_view(req.target().data(), req.target().size()),
                                     svc.options().max_response_bytes);
   response_head h;
   h.version = req.version();
   h.keep_alive = keep_alive;
+  h.keep_alive_seconds = keep_alive_seconds;
   if (!m.which) {
     // 404 / 405 / a bad N: the request was well formed, the connection may live on.
     h.status = m.refusal->status;
@@ -362,6 +382,8 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
   std::optional<request_parser> parser;
   request_deadline deadline(io.get_executor(), o.request_timeout);
   bool first_request = true;
+  // The connection's own idle timeout (the server's stream options).
+  const std::uint64_t keep_alive_seconds = keep_alive_hint(c.io().options().idle_timeout);
   std::string head_buffer;  // every response's head, reused: one allocation, not one per doubling
   head_buffer.reserve(256);
   for (;;) {
@@ -441,7 +463,8 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
     const bool keep_alive = req.keep_alive() && !c.draining();
     closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
                                std::string_view(req.target()));
-    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive, c.ready())) co_return;
+    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive, c.ready(), keep_alive_seconds))
+      co_return;
     svc->counters().responses.fetch_add(1, std::memory_order_relaxed);
     // The requester has everything it asked for, unless a pipelined request
     // already waits in our buffer: then rst_if_safe must not call it complete.

@@ -1,8 +1,10 @@
 // Endpoints ("HOST:PORT") and the client's connect.
 #include <stdexcept>
+#include <string_view>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -45,13 +47,17 @@ std::string to_string(const asio::ip::tcp::endpoint& e) {
 asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex, std::string target,
                                                                       std::chrono::milliseconds timeout,
                                                                       stream_options opts) {
-  asio::ip::tcp::endpoint ep;
-  try {
-    ep = parse_endpoint(target);
-  } catch (const std::invalid_argument&) {
-    co_return std::pair{error_code(asio::error::invalid_argument), std::optional<stream>{}};
+  asio::generic::stream_protocol::endpoint gep;
+  constexpr std::string_view unix_prefix = "unix:";
+  if (target.starts_with(unix_prefix)) {
+    gep = asio::local::stream_protocol::endpoint(target.substr(unix_prefix.size()));
+  } else {
+    try {
+      gep = parse_endpoint(target);
+    } catch (const std::invalid_argument&) {
+      co_return std::pair{error_code(asio::error::invalid_argument), std::optional<stream>{}};
+    }
   }
-  const asio::generic::stream_protocol::endpoint gep(ep);
   socket s(ex);
   error_code ec;
   s.open(gep.protocol(), ec);
@@ -68,7 +74,7 @@ asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_
   auto [cec] = co_await s.async_connect(gep, use_tuple);
   timer.cancel();
   if (cec) co_return std::pair{timed_out ? error_code(asio::error::timed_out) : cec, std::optional<stream>{}};
-  s.set_option(asio::ip::tcp::no_delay(true), ec);
+  if (!target.starts_with(unix_prefix)) s.set_option(asio::ip::tcp::no_delay(true), ec);
   co_return std::pair{error_code{}, std::optional<stream>{stream(std::move(s), opts)}};
 }
 

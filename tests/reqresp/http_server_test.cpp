@@ -172,6 +172,41 @@ TEST(reqresp_server, http10_keep_alive_and_close) {
   EXPECT_EQ(parse_responses(sink).size(), 1u);
 }
 
+// Kept-alive responses carry the idle timeout as a hint in whole seconds,
+// rounded down; a response that closes, and a timeout under a second, none.
+TEST(reqresp_server, keep_alive_timeout_hint) {
+  auto o = local_options();
+  o.stream.idle_timeout = 2500ms;
+  rr::http_server s(o, {});
+  auto p = connect_to(s.port());
+  ASSERT_GT(p.send(std::string("GET /bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n")), 0);
+  std::string sink;
+  auto got = read_responses(p, 1, sink);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header("Keep-Alive"), "timeout=2");
+  ASSERT_GT(p.send(std::string("GET /bytes/3 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")), 0);
+  sink.clear();
+  got = read_responses(p, 1, sink);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header("Keep-Alive"), "timeout=2");
+  ASSERT_GT(p.send(std::string("GET /bytes/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")), 0);
+  sink.clear();
+  EXPECT_TRUE(p.drain(&sink).eof);
+  got = parse_responses(sink);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].header("Keep-Alive"), "");
+
+  o.stream.idle_timeout = 200ms;
+  rr::http_server short_idle(o, {});
+  auto q = connect_to(short_idle.port());
+  ASSERT_GT(q.send(std::string("GET /bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n")), 0);
+  sink.clear();
+  got = read_responses(q, 1, sink);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].status, 200);
+  EXPECT_EQ(got[0].header("Keep-Alive"), "");  // 0 would say "do not reuse"
+}
+
 TEST(reqresp_server, expect_100_continue) {
   rr::http_server s(local_options(), {});
   auto p = connect_to(s.port());

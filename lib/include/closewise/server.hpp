@@ -290,7 +290,7 @@ CLOSEWISE_API asio::ip::tcp::endpoint parse_endpoint(const std::string& text);
 /// "HOST:PORT" of a TCP endpoint ("[::1]:80" for IPv6).
 CLOSEWISE_API std::string to_string(const asio::ip::tcp::endpoint& e);
 
-/// Connects to "HOST:PORT" (numeric host) within `timeout`; the result is a
+/// Connects to "HOST:PORT" (numeric host) or "unix:PATH" within `timeout`; the result is a
 /// closewise stream with `opts`. Errors are values (timed_out on timeout).
 CLOSEWISE_API asio::awaitable<std::pair<error_code, std::optional<stream>>> connect(asio::any_io_executor ex,
                                                                                     std::string target,

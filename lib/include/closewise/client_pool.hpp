@@ -1,0 +1,194 @@
+#pragma once
+// closewise::client_pool: kept-alive client connections per target, which
+// notice the server's FIN while they wait idle.
+//
+// The usual way a request is lost: a client sends it on a kept-alive
+// connection that the server has just closed, and it fails with ECONNRESET or
+// with end-of-file before a response. The pool narrows that window three
+// ways. Every idle connection keeps a wait for input outstanding, so the
+// server's FIN or RST removes it the moment it arrives (counted as
+// `fins_seen_idle` / `resets_seen_idle`), and so do bytes nobody asked for
+// (`bytes_seen_idle`). A connection is checked once more as it is taken
+// (`dropped_at_reuse`). And a connection idle for longer than its idle limit
+// (the smaller of `pool_options::idle_timeout` and the server's
+// `Keep-Alive: timeout=` hint less a margin) is closed by the pool, before
+// the server would. The rest of the window, a FIN crossing a request on the
+// wire, is the protocol layer's to handle (http_client.hpp: retry only what
+// may be retried).
+//
+// Thread-safety: a pool and its leases are used from one executor (a
+// single-threaded io_context, or a strand): the one given to the
+// constructor, on which every connection runs. `stats()` may be read from
+// any thread.
+//
+// Teardown: every connection ends with a close report, passed to the
+// `on_close` callback. Destroying the pool closes its idle connections
+// (with `pool_options::policy`) and fails its waiters with
+// `errc::pool_closed`; leases still out keep their connection until they
+// are released or destroyed.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include "closewise/error.hpp"
+#include "closewise/export.hpp"
+#include "closewise/report.hpp"
+#include "closewise/server.hpp"
+
+namespace closewise {
+
+/// Limits and timeouts of a client_pool.
+struct pool_options {
+  /// Connections open or opening per target, idle ones included.
+  std::size_t max_connections_per_target = 32;
+  /// Requests waiting for a connection per target; beyond it `acquire` fails
+  /// at once with errc::pool_overloaded (backpressure).
+  std::size_t max_waiters = 4096;
+  /// Longest wait in the FIFO of waiters (a request's own deadline may be shorter).
+  std::chrono::milliseconds wait_timeout{10000};
+  /// Longest TCP (or Unix) connect (a request's own deadline may be shorter).
+  std::chrono::milliseconds connect_timeout{5000};
+  /// An idle connection is closed by the pool after this long. Keep it below
+  /// the server's idle timeout: the side that sends the next request should
+  /// be the one that closes.
+  std::chrono::milliseconds idle_timeout{30000};
+  /// Subtracted from the server's `Keep-Alive: timeout=N` hint; when that
+  /// leaves nothing, half the hint is used.
+  std::chrono::milliseconds hint_margin{1000};
+  /// How the pool ends the connections it closes (idle limit, FIN seen, shutdown).
+  close_policy policy = close_policy::graceful;
+  /// Teardown limits of each connection. Its idle and read timeouts are the
+  /// pool's to set: the idle limit while idle, none while leased (the
+  /// protocol layer bounds its exchange).
+  stream_options stream;
+};
+
+/// What one pool counted, since it was made. Failures are those that reached
+/// a caller, by class (a retried request that then succeeded is no failure).
+struct CLOSEWISE_API pool_stats {
+  std::uint64_t connects = 0;                        ///< connections opened
+  std::uint64_t connect_failures = 0;                ///< connects that failed or timed out
+  std::uint64_t reuses = 0;                          ///< leases of an idle connection
+  std::uint64_t fins_seen_idle = 0;                  ///< idle connections the peer's FIN removed
+  std::uint64_t resets_seen_idle = 0;                ///< idle connections the peer's RST removed
+  std::uint64_t bytes_seen_idle = 0;                 ///< idle connections discarded because bytes arrived
+  std::uint64_t idle_expired = 0;                    ///< idle connections the pool closed at their idle limit
+  std::uint64_t dropped_at_reuse = 0;                ///< connections found ended or readable as they were taken
+  std::uint64_t retries = 0;                         ///< requests sent again on a fresh connection
+  std::uint64_t wait_timeouts = 0;                   ///< acquires that waited out their deadline
+  std::uint64_t overloaded = 0;                      ///< acquires refused because too many waited
+  std::uint64_t closed = 0;                          ///< connections ended (each with a close report)
+  std::uint64_t failed_connect = 0;                  ///< failures: the connect failed
+  std::uint64_t failed_pool = 0;                     ///< failures: no connection in time, or overloaded, or shut down
+  std::uint64_t failed_timeout = 0;                  ///< failures: the request's deadline passed
+  std::uint64_t failed_stale_reuse_not_retried = 0;  ///< failures: errc::stale_reuse_not_retried
+  std::uint64_t failed_connection = 0;               ///< failures: the connection broke (other than the stale case)
+  std::uint64_t failed_protocol = 0;                 ///< failures: the peer's answer was malformed
+  /// One line: "connects=.. reuses=.. fins_seen_idle=.. ...".
+  std::string describe() const;
+};
+
+/// The classes of failure a protocol layer reports (`client_pool::record_failure`).
+enum class failure_class : std::uint8_t { connect, pool, timeout, stale_reuse_not_retried, connection, protocol };
+
+/// Called with every connection's close report and its target, on the pool's executor.
+using pool_close_observer = std::function<void(const std::string& target, const close_report&)>;
+
+namespace internal {
+struct pool_state;
+struct pooled;
+}  // namespace internal
+
+/// One connection taken from the pool. Give it back with
+/// `client_pool::release` (reusable) or `client_pool::close`; a lease
+/// destroyed otherwise resets its connection (its exchange is in an unknown
+/// state). Move-only; used on the pool's executor.
+class CLOSEWISE_API pool_lease {
+ public:
+  pool_lease() noexcept = default;
+  pool_lease(pool_lease&&) noexcept = default;
+  pool_lease& operator=(pool_lease&& other) noexcept;
+  pool_lease(const pool_lease&) = delete;
+  pool_lease& operator=(const pool_lease&) = delete;
+  ~pool_lease();
+
+  explicit operator bool() const noexcept { return conn_ != nullptr; }
+  /// The connection's stream.
+  stream& io() noexcept;
+  /// True when the connection had served an exchange before (taken idle).
+  bool reused() const noexcept;
+  /// Exchanges this connection finished before this lease.
+  std::uint64_t uses() const noexcept;
+  /// "HOST:PORT" or "unix:PATH".
+  const std::string& target() const noexcept;
+  /// The connection's close report, once it ended.
+  const std::optional<close_report>& report() const noexcept;
+
+ private:
+  friend struct internal::pool_state;
+  friend class client_pool;
+  pool_lease(std::shared_ptr<internal::pool_state> pool, std::shared_ptr<internal::pooled> conn) noexcept
+      : pool_(std::move(pool)), conn_(std::move(conn)) {}
+  std::shared_ptr<internal::pool_state> pool_;
+  std::shared_ptr<internal::pooled> conn_;
+};
+
+/// Kept-alive connections per target ("HOST:PORT" with a numeric host, or
+/// "unix:PATH"), limited per target, with a FIFO of waiters.
+class CLOSEWISE_API client_pool {
+ public:
+  /// A pool whose connections run on `ex` (see the thread-safety note above).
+  client_pool(asio::any_io_executor ex, pool_options opts = {});
+  ~client_pool();
+  client_pool(const client_pool&) = delete;
+  client_pool& operator=(const client_pool&) = delete;
+
+  /// A connection to `target`: the most recently used idle one (checked as it
+  /// is taken), else a new one if the target is under its limit, else the
+  /// first one freed, in FIFO order, before `deadline` (and within
+  /// `wait_timeout`). `fresh`: never an idle one (for a retry); at the limit
+  /// an idle connection is closed to make room. Errors: the connect's
+  /// (timed_out on its timeout), errc::pool_wait_timeout,
+  /// errc::pool_overloaded, errc::pool_closed. `connect_timeout`: this
+  /// acquire's (0: the pool's).
+  asio::awaitable<std::pair<error_code, pool_lease>> acquire(
+      std::string target, std::chrono::steady_clock::time_point deadline, bool fresh = false,
+      std::chrono::milliseconds connect_timeout = std::chrono::milliseconds(0));
+  /// Gives a connection whose exchange ended cleanly back to the pool (or to
+  /// the first waiter). `keep_alive_hint`: the server's Keep-Alive timeout,
+  /// if it sent one. A connection that is closing or has unread input is
+  /// closed instead.
+  void release(pool_lease lease, std::optional<std::chrono::milliseconds> keep_alive_hint = std::nullopt);
+  /// Ends a leased connection with `policy` and returns its report.
+  asio::awaitable<close_report> close(pool_lease lease, close_policy policy);
+
+  /// Sets the observer of every close report (before the first acquire).
+  void on_close(pool_close_observer f);
+  /// A snapshot of the counters; from any thread.
+  pool_stats stats() const;
+  /// Idle connections to `target` now.
+  std::size_t idle(const std::string& target) const;
+  /// Connections open or opening to `target` now (idle and leased).
+  std::size_t open(const std::string& target) const;
+  const pool_options& options() const noexcept;
+  asio::any_io_executor get_executor() const noexcept;
+
+  /// For a protocol layer: a request was sent again on a fresh connection.
+  void record_retry() noexcept;
+  /// For a protocol layer: a failure reached its caller.
+  void record_failure(failure_class c) noexcept;
+
+ private:
+  std::shared_ptr<internal::pool_state> st_;
+};
+
+}  // namespace closewise

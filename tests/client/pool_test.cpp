@@ -1,0 +1,660 @@
+// closewise::client_pool and closewise::http_client against real servers on
+// loopback: closewise-reqresp in-process for the idle race sweep, a
+// test-local HTTP session that counts executions for POST, and raw blocking
+// peers for the faults (RST on reuse, RST while idle, black hole, garbage).
+// The client runs on the test's io_context under a run_until watchdog.
+
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/write.hpp>
+
+#include "../support/child_process.hpp"
+#include "../support/descriptors.hpp"
+#include "../support/external_tools.hpp"
+#include "../support/loopback.hpp"
+#include "closewise/client_pool.hpp"
+#include "closewise/http_client.hpp"
+#include "poolsweep/sweep.hpp"
+#include "reqresp/http_session.hpp"
+
+using namespace closewise;
+using namespace closewise::test;
+using namespace std::chrono_literals;
+namespace rr = closewise::reqresp;
+namespace ps = closewise::poolsweep;
+
+namespace {
+
+constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+using clock_type = std::chrono::steady_clock;
+
+// ---- workload size ---------------------------------------------------------
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool sanitized = true;
+#else
+constexpr bool sanitized = false;
+#endif
+
+// Reuses the sweep needs: 20,000; CLOSEWISE_POOL_REUSES sets it (100,000
+// for the longer tier); 4,000 under a sanitizer or when CLOSEWISE_TEST_REPS
+// says the build is slow (the sanitizer presets set it), so that the sweep
+// stays within the suite's budget there.
+std::uint64_t sweep_reuses() {
+  if (const char* env = std::getenv("CLOSEWISE_POOL_REUSES")) return std::max(1L, std::atol(env));
+  if (sanitized || std::getenv("CLOSEWISE_TEST_REPS")) return 4000;
+  return 20000;
+}
+
+std::size_t sockets_open() { return count_sockets(open_descriptors()); }
+
+// Runs `coro` on `ioc` to completion under a watchdog.
+template <class Awaitable>
+bool run_to_completion(asio::io_context& ioc, Awaitable coro, std::chrono::milliseconds limit) {
+  bool done = false;
+  asio::co_spawn(ioc, std::move(coro), [&done](std::exception_ptr e) {
+    done = true;
+    if (e) std::rethrow_exception(e);
+  });
+  return run_until(
+      ioc, [&] { return done; }, limit);
+}
+
+// Lets pending closes and cancelled waits finish once the pool is gone.
+void settle(asio::io_context& ioc) {
+  ioc.restart();
+  for (int i = 0; i < 100 && !ioc.stopped(); ++i) ioc.run_for(50ms);
+}
+
+http_request make_request(http::verb method, std::string target, std::string body = {}) {
+  http_request req{method, target, 11};
+  req.body() = std::move(body);
+  return req;
+}
+
+// One request on `ioc`, to completion under a watchdog.
+http_result run_request(asio::io_context& ioc, http_client& client, const std::string& target, http_request req,
+                        request_timeouts t = {}) {
+  http_result out;
+  bool done = false;
+  asio::co_spawn(ioc, client.request(target, std::move(req), t), [&](std::exception_ptr, http_result r) {
+    out = std::move(r);
+    done = true;
+  });
+  EXPECT_TRUE(run_until(
+      ioc, [&] { return done; }, 20s));
+  return out;
+}
+
+// ---- the sweep (apps/poolsweep, as closewise-pool-sweep runs it) ----------
+
+server_options idle_200ms_server() {
+  server_options o;
+  o.listen = {"127.0.0.1:0"};
+  o.threads = 1;
+  o.stream.idle_timeout = 200ms;
+  return o;
+}
+
+// `users` reuse connections to `target` with gaps of 200 +- 20 ms around
+// its 200 ms idle timeout. The pool's own idle limit is longer (the server
+// sends no Keep-Alive hint under a second): the server closes first, and
+// the race is the pool's to survive.
+ps::sweep_result sweep_against(const std::string& target, http::verb method, unsigned users, std::uint64_t reuses) {
+  ps::sweep_config c;
+  c.target = target;
+  c.method = method;
+  c.path = method == http::verb::get ? "/bytes/64" : "/count";
+  c.users = users;
+  c.reuses = reuses;
+  c.pool.idle_timeout = 30s;
+  // About 2.5 requests per user per second, half of them reuses: the
+  // limit is far beyond that, for a busy machine.
+  c.limit = std::chrono::milliseconds(60000 + reuses * 40);
+  const ps::sweep_result r = ps::run_pool_sweep(c);
+  std::printf("pool: %s %s\n", method == http::verb::get ? "GET" : "POST", r.line().c_str());
+  std::printf("pool: %s\n", r.stats.describe().c_str());
+  std::fflush(stdout);
+  EXPECT_TRUE(r.finished);
+  return r;
+}
+
+// The race sweep: 300 users reuse connections to closewise-reqresp
+// (--idle-timeout 0.2) with gaps of 200 +- 20 ms. No GET failure may reach
+// a caller; the FINs must have been seen while idle.
+TEST(client_pool, race_sweep_get_no_failures) {
+  const std::size_t sockets_before = sockets_open();
+  {
+    rr::http_server srv(idle_200ms_server(), {});
+    const auto s = sweep_against(srv.endpoint(), http::verb::get, 300, sweep_reuses());
+    const pool_stats& st = s.stats;
+    EXPECT_EQ(s.failures, 0u) << s.describe_errors();
+    EXPECT_GE(st.reuses, sweep_reuses());
+    EXPECT_GT(st.fins_seen_idle, 0u);
+    EXPECT_EQ(st.failed_connection + st.failed_protocol + st.failed_timeout + st.failed_stale_reuse_not_retried, 0u);
+  }
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// The same sweep against nginx with keepalive_timeout 200ms, a server we did
+// not write, on a Unix socket in a directory of the test's own (no port to
+// race for). A quarter of the reuses, to keep the suite's budget. Skipped,
+// saying why, where nginx is missing.
+TEST(client_pool, race_sweep_get_against_nginx) {
+  const auto nginx = find_program("nginx");
+  if (!nginx) GTEST_SKIP() << "nginx not installed";
+  temp_dir dir;
+  const std::string sock = dir.file("nginx.sock");
+  {
+    std::ofstream conf(dir.file("nginx.conf"));
+    conf << "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log stderr warn;\n"
+         << "pid " << dir.file("nginx.pid") << ";\n"
+         << "events { worker_connections 4096; }\n"
+         << "http {\n  access_log off;\n  keepalive_timeout 200ms;\n  keepalive_requests 1000000;\n";
+    for (const char* t : {"client_body", "proxy", "fastcgi", "uwsgi", "scgi"}) {
+      conf << "  " << t << "_temp_path " << dir.file(t) << ";\n";
+    }
+    conf << "  server {\n    listen unix:" << sock << ";\n    location / { return 200 \"ok\\n\"; }\n  }\n}\n";
+  }
+  child server({*nginx, "-p", dir.path(), "-c", dir.file("nginx.conf")}, dir.file("nginx.err"));
+  ASSERT_TRUE(server.started());
+  const auto end = clock_type::now() + 20s;
+  while (connect_unix(sock).fd() < 0 && clock_type::now() < end) {
+    std::this_thread::sleep_for(10ms);  // nginx prints nothing when it is ready
+  }
+  ASSERT_GE(connect_unix(sock).fd(), 0) << "nginx did not listen";
+  const auto s = sweep_against("unix:" + sock, http::verb::get, 300, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
+  EXPECT_EQ(s.failures, 0u) << s.describe_errors();
+  EXPECT_GT(s.stats.fins_seen_idle, 0u);
+  server.signal(SIGQUIT);
+}
+
+// ---- POST: a server that counts each request's executions ------------------
+
+struct execution_counter {
+  std::mutex mu;
+  std::map<std::string, unsigned> by_id;
+  unsigned duplicates() {
+    std::lock_guard lock(mu);
+    unsigned n = 0;
+    for (const auto& [id, count] : by_id) n += count > 1 ? count - 1 : 0;
+    return n;
+  }
+  std::size_t executed() {
+    std::lock_guard lock(mu);
+    return by_id.size();
+  }
+};
+
+// The test's HTTP session: every request body is an id, executed (counted)
+// once it was read whole, then answered with keep-alive.
+asio::awaitable<void> counting_session(connection c, std::shared_ptr<execution_counter> counter) {
+  boost::beast::flat_buffer buffer;
+  for (;;) {
+    http::request<http::string_body> req;
+    auto [ec, n] = co_await http::async_read(c.io(), buffer, req, use_tuple);
+    if (ec) co_return;
+    {
+      std::lock_guard lock(counter->mu);
+      ++counter->by_id[req.body()];
+    }
+    http::response<http::string_body> res{http::status::ok, 11};
+    res.body() = "done";
+    res.keep_alive(req.keep_alive());
+    res.prepare_payload();
+    auto [wec, wn] = co_await http::async_write(c.io(), res, use_tuple);
+    if (wec) co_return;
+    c.mark_exchange_complete();
+    if (!res.keep_alive()) co_return;
+  }
+}
+
+// closewise::server with the counting session, on its own thread.
+class counting_server {
+ public:
+  counting_server() : counter_(std::make_shared<execution_counter>()) {
+    srv_ = std::make_unique<server>(idle_200ms_server(),
+                                    [c = counter_](connection& conn) { return counting_session(conn, c); });
+    srv_->start();
+    endpoint_ = srv_->local_endpoints().front();
+    thread_ = std::thread([this] { srv_->run(); });
+  }
+  ~counting_server() {
+    srv_->stop();
+    thread_.join();
+  }
+  const std::string& endpoint() const { return endpoint_; }
+  execution_counter& counter() { return *counter_; }
+
+ private:
+  std::shared_ptr<execution_counter> counter_;
+  std::unique_ptr<server> srv_;
+  std::string endpoint_;
+  std::thread thread_;
+};
+
+// The same sweep with POSTs, which may not be repeated: no request is
+// executed twice, and every failure that reaches a caller says
+// stale_reuse_not_retried.
+TEST(client_pool, race_sweep_post_never_twice) {
+  const std::size_t sockets_before = sockets_open();
+  {
+    counting_server srv;
+    const auto s =
+        sweep_against(srv.endpoint(), http::verb::post, 200, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
+    const pool_stats& st = s.stats;
+    EXPECT_EQ(srv.counter().duplicates(), 0u);
+    EXPECT_EQ(s.other_failures, 0u) << s.describe_errors();
+    EXPECT_EQ(s.stale, st.failed_stale_reuse_not_retried);
+    EXPECT_EQ(st.retries, 0u);  // POST without Idempotency-Key: never sent twice
+    // Each answered POST ran once; a stale one may or may not have run.
+    EXPECT_GE(srv.counter().executed(), s.requests - s.failures);
+    EXPECT_LE(srv.counter().executed(), s.requests);
+  }
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// ---- raw peers for the faults ----------------------------------------------
+
+// A listener on 127.0.0.1:0 whose connections each run `script` on a thread
+// of their own (blocking sockets: the misbehaving server).
+class scripted_server {
+ public:
+  using script = std::function<void(raw_peer&, int index)>;
+  explicit scripted_server(script s) : script_(std::move(s)) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const int one = 1;
+    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(fd_, 16) != 0) std::abort();
+    socklen_t len = sizeof(a);
+    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
+    port_ = ntohs(a.sin_port);
+    acceptor_ = std::thread([this] { accept_loop(); });
+  }
+  ~scripted_server() {
+    stop_ = true;
+    acceptor_.join();
+    for (auto& t : peers_) t.join();
+    ::close(fd_);
+  }
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
+  int accepted() const { return accepted_.load(); }
+
+ private:
+  void accept_loop() {
+    while (!stop_) {
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, 50) <= 0) continue;
+      const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (c < 0) continue;
+      const int index = accepted_++;
+      peers_.emplace_back([this, c, index] {
+        raw_peer peer(c);
+        script_(peer, index);
+      });
+    }
+  }
+  script script_;
+  int fd_ = -1;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> accepted_{0};
+  std::thread acceptor_;
+  std::vector<std::thread> peers_;
+};
+
+// Reads one request header (the tests send no body); false on EOF, error or 10 s.
+bool read_request(raw_peer& p, std::string& pending) {
+  char buf[4096];
+  while (pending.find("\r\n\r\n") == std::string::npos) {
+    pollfd pfd{p.fd(), POLLIN, 0};
+    if (::poll(&pfd, 1, 10000) <= 0) return false;
+    const long n = p.recv_some(buf, sizeof(buf));
+    if (n <= 0) return false;
+    pending.append(buf, static_cast<std::size_t>(n));
+  }
+  pending.erase(0, pending.find("\r\n\r\n") + 4);
+  return true;
+}
+
+// Waits (at most 10 s) until the client closes or resets the connection.
+void wait_for_client_end(raw_peer& p) {
+  char buf[4096];
+  const auto end = clock_type::now() + 10s;
+  while (clock_type::now() < end) {
+    pollfd pfd{p.fd(), POLLIN, 0};
+    if (::poll(&pfd, 1, 100) < 0) return;
+    if (pfd.revents == 0) continue;
+    if (p.recv_some(buf, sizeof(buf)) <= 0) return;
+  }
+}
+
+constexpr std::string_view ok_response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+// Answers every request with 200 until the client ends the connection.
+void answer_until_end(raw_peer& p, std::string& pending) {
+  while (read_request(p, pending)) p.send(std::string(ok_response));
+}
+
+struct fault_result {
+  http_result first;
+  http_result second;
+  pool_stats stats;
+  std::chrono::milliseconds elapsed{0};
+};
+
+// Two requests in a row through one pool (the second reuses what the first left).
+asio::awaitable<void> two_requests(client_pool* pool, std::string target, http_request a, http_request b,
+                                   request_timeouts t, fault_result* out) {
+  http_client client(*pool);
+  out->first = co_await client.request(target, std::move(a), t);
+  const auto start = clock_type::now();
+  out->second = co_await client.request(target, std::move(b), t);
+  out->elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(clock_type::now() - start);
+  out->stats = pool->stats();
+}
+
+fault_result run_two(const std::string& target, http_request a, http_request b, request_timeouts t = {}) {
+  asio::io_context ioc;
+  fault_result out;
+  {
+    client_pool pool(ioc.get_executor(), {});
+    EXPECT_TRUE(run_to_completion(ioc, two_requests(&pool, target, std::move(a), std::move(b), t, &out), 30s));
+  }
+  settle(ioc);
+  return out;
+}
+
+// The server answers the first request, then resets the connection as the
+// second arrives on it (the FIN-crossing case, with a RST): a GET is sent
+// again on a fresh connection and succeeds; a POST is not, and fails with
+// stale_reuse_not_retried, saying it was fully written.
+TEST(client_pool, reset_on_reuse_retries_get_and_refuses_post) {
+  const std::size_t sockets_before = sockets_open();
+  for (const auto method : {http::verb::get, http::verb::post}) {
+    scripted_server srv([](raw_peer& p, int index) {
+      std::string pending;
+      if (!read_request(p, pending)) return;
+      if (index == 0) {
+        p.send(std::string(ok_response));
+        if (!read_request(p, pending)) return;
+        p.reset();
+        return;
+      }
+      p.send(std::string(ok_response));
+      answer_until_end(p, pending);
+    });
+    const auto r = run_two(srv.endpoint(), make_request(http::verb::get, "/"), make_request(method, "/x", "1"));
+    ASSERT_FALSE(r.first.ec) << r.first.ec.message();
+    EXPECT_FALSE(r.first.reused);
+    if (method == http::verb::get) {
+      EXPECT_FALSE(r.second.ec) << r.second.ec.message();
+      EXPECT_TRUE(r.second.retried);
+      EXPECT_FALSE(r.second.reused);  // the answering attempt ran on a fresh connection
+      ASSERT_TRUE(r.second.stale_report.has_value());
+      EXPECT_TRUE(r.second.stale_report->rst_received);
+      EXPECT_EQ(r.stats.retries, 1u);
+      EXPECT_EQ(srv.accepted(), 2);
+    } else {
+      EXPECT_EQ(r.second.ec, errc::stale_reuse_not_retried) << r.second.ec.message();
+      EXPECT_TRUE(r.second.request_fully_written);
+      EXPECT_TRUE(r.second.reused);
+      EXPECT_FALSE(r.second.retried);
+      EXPECT_EQ(r.stats.retries, 0u);
+      EXPECT_EQ(r.stats.failed_stale_reuse_not_retried, 1u);
+      EXPECT_EQ(srv.accepted(), 1);  // never sent twice
+    }
+  }
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// Same with Idempotency-Key: the POST may be repeated, and is.
+TEST(client_pool, idempotency_key_makes_post_retryable) {
+  scripted_server srv([](raw_peer& p, int index) {
+    std::string pending;
+    if (!read_request(p, pending)) return;
+    p.send(std::string(ok_response));
+    if (index == 0) {
+      if (!read_request(p, pending)) return;
+      p.reset();
+      return;
+    }
+    answer_until_end(p, pending);
+  });
+  auto post = make_request(http::verb::post, "/x", "1");
+  post.set("Idempotency-Key", "k-1");
+  const auto r = run_two(srv.endpoint(), make_request(http::verb::get, "/"), std::move(post));
+  EXPECT_FALSE(r.second.ec) << r.second.ec.message();
+  EXPECT_TRUE(r.second.retried);
+  EXPECT_EQ(r.stats.retries, 1u);
+}
+
+// The server resets the connection while it waits idle in the pool: the pool
+// removes it at once (resets_seen_idle), and the next request connects anew.
+TEST(client_pool, reset_while_idle_is_seen_and_the_next_request_connects) {
+  const std::size_t sockets_before = sockets_open();
+  {
+    std::atomic<bool> answered{false};
+    scripted_server srv([&answered](raw_peer& p, int index) {
+      std::string pending;
+      if (!read_request(p, pending)) return;
+      p.send(std::string(ok_response));
+      if (index == 0) {
+        while (!answered) std::this_thread::sleep_for(5ms);
+        p.reset();
+        return;
+      }
+      answer_until_end(p, pending);
+    });
+    asio::io_context ioc;
+    {
+      client_pool pool(ioc.get_executor(), {});
+      http_client client(pool);
+      const http_result first = run_request(ioc, client, srv.endpoint(), make_request(http::verb::get, "/"));
+      ASSERT_FALSE(first.ec) << first.ec.message();
+      EXPECT_EQ(pool.idle(srv.endpoint()), 1u);
+      answered = true;
+      ASSERT_TRUE(run_until(
+          ioc, [&] { return pool.idle(srv.endpoint()) == 0; }, 20s));
+      EXPECT_EQ(pool.stats().resets_seen_idle + pool.stats().fins_seen_idle, 1u);
+      EXPECT_EQ(pool.open(srv.endpoint()), 0u);
+      fault_result out;
+      ASSERT_TRUE(run_to_completion(ioc,
+                                    two_requests(&pool, srv.endpoint(), make_request(http::verb::get, "/"),
+                                                 make_request(http::verb::get, "/"), {}, &out),
+                                    30s));
+      EXPECT_FALSE(out.first.ec) << out.first.ec.message();
+      EXPECT_FALSE(out.first.reused);
+      EXPECT_FALSE(out.second.ec) << out.second.ec.message();
+      EXPECT_TRUE(out.second.reused);
+    }
+    settle(ioc);
+  }
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+struct fault_outcome {
+  http_result r;
+  pool_stats stats;
+  std::size_t open_after = 0;
+  int accepted = 0;
+  clock_type::duration elapsed{};
+};
+
+// One request against a server that reads it and sends `reply` (empty:
+// nothing, a black hole), then waits for the client to end the connection.
+fault_outcome one_request_against(std::string reply, request_timeouts t) {
+  fault_outcome out;
+  scripted_server srv([reply](raw_peer& p, int) {
+    std::string pending;
+    if (!read_request(p, pending)) return;
+    if (!reply.empty()) p.send(reply);
+    wait_for_client_end(p);
+  });
+  asio::io_context ioc;
+  {
+    client_pool pool(ioc.get_executor(), {});
+    http_client client(pool);
+    const auto start = clock_type::now();
+    out.r = run_request(ioc, client, srv.endpoint(), make_request(http::verb::get, "/"), t);
+    out.elapsed = clock_type::now() - start;
+    out.stats = pool.stats();
+    out.open_after = pool.open(srv.endpoint());
+  }
+  settle(ioc);
+  out.accepted = srv.accepted();
+  return out;
+}
+
+// The server accepts, reads the request and never answers: the request ends
+// with timed_out at its deadline, and the connection is reset.
+TEST(client_pool, black_hole_times_out_within_its_bound) {
+  const std::size_t sockets_before = sockets_open();
+  request_timeouts t;
+  t.whole = 300ms;
+  const auto out = one_request_against({}, t);
+  EXPECT_EQ(out.r.ec, asio::error::timed_out) << out.r.ec.message();
+  EXPECT_GE(out.elapsed, 300ms);
+  EXPECT_LT(out.elapsed, 10s);  // the bound, loosely: a busy machine may be slow to wake us
+  ASSERT_TRUE(out.r.report.has_value());
+  EXPECT_TRUE(out.r.report->rst_sent);
+  EXPECT_FALSE(out.r.retried);
+  EXPECT_EQ(out.stats.failed_timeout, 1u);
+  EXPECT_EQ(out.open_after, 0u);
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// The server answers with garbage: a parse error (Beast's), counted as a
+// protocol failure, never retried, the connection reset.
+TEST(client_pool, garbage_answer_is_a_protocol_error) {
+  const std::size_t sockets_before = sockets_open();
+  const auto out = one_request_against("SSH-2.0-OpenSSH_9.2\r\n\r\n", {});
+  ASSERT_TRUE(out.r.ec);
+  EXPECT_EQ(out.r.ec.category(), make_error_code(http::error::bad_version).category()) << out.r.ec.message();
+  EXPECT_TRUE(out.r.response_started);
+  EXPECT_FALSE(out.r.retried);
+  ASSERT_TRUE(out.r.report.has_value());
+  EXPECT_TRUE(out.r.report->rst_sent);
+  EXPECT_EQ(out.stats.failed_protocol, 1u);
+  EXPECT_EQ(out.open_after, 0u);
+  EXPECT_EQ(out.accepted, 1);
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// At the connection limit, requests wait in FIFO order for a connection
+// to be released, and a waiter whose deadline passes fails with
+// pool_wait_timeout.
+TEST(client_pool, waiters_are_served_in_order_and_time_out) {
+  rr::http_server srv(idle_200ms_server(), {});
+  asio::io_context ioc;
+  pool_options o;
+  o.max_connections_per_target = 1;
+  client_pool pool(ioc.get_executor(), o);
+  std::vector<int> order;
+  error_code late;
+  int done = 0;
+  const auto deadline = clock_type::now() + 20s;
+  std::vector<pool_lease> held;
+  auto take = [&](int n) {
+    asio::co_spawn(ioc, pool.acquire(srv.endpoint(), deadline), [&, n](std::exception_ptr, auto r) {
+      EXPECT_FALSE(r.first) << r.first.message();
+      order.push_back(n);
+      held.push_back(std::move(r.second));
+      ++done;
+    });
+  };
+  take(0);
+  ASSERT_TRUE(run_until(
+      ioc, [&] { return done == 1; }, 20s));
+  take(1);
+  take(2);
+  asio::co_spawn(ioc, pool.acquire(srv.endpoint(), clock_type::now() + 50ms), [&](std::exception_ptr, auto r) {
+    late = r.first;
+    ++done;
+  });
+  ASSERT_TRUE(run_until(
+      ioc, [&] { return done == 2; }, 20s));
+  EXPECT_EQ(late, errc::pool_wait_timeout);
+  EXPECT_EQ(pool.stats().wait_timeouts, 1u);
+  for (int i = 1; i <= 2; ++i) {
+    pool.release(std::move(held.front()));
+    held.erase(held.begin());
+    ASSERT_TRUE(run_until(
+        ioc, [&] { return done == 2 + i; }, 20s));
+  }
+  EXPECT_EQ(order, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(pool.stats().connects, 1u);  // handed over, never a second connection
+  EXPECT_EQ(pool.open(srv.endpoint()), 1u);
+  held.clear();  // a lease dropped unreleased resets its connection
+  EXPECT_EQ(pool.open(srv.endpoint()), 0u);
+  settle(ioc);
+}
+
+// A Unix stream socket is a target like a TCP one ("unix:PATH").
+TEST(client_pool, unix_socket_target_is_reused) {
+  temp_dir dir;
+  server_options so = idle_200ms_server();
+  so.stream.idle_timeout = 5s;
+  so.unix_paths = {dir.file("reqresp.sock")};
+  rr::http_server srv(so, {});
+  const std::string target = "unix:" + dir.file("reqresp.sock");
+  const auto r = run_two(target, make_request(http::verb::get, "/bytes/5"), make_request(http::verb::get, "/bytes/6"));
+  ASSERT_FALSE(r.first.ec) << r.first.ec.message();
+  ASSERT_FALSE(r.second.ec) << r.second.ec.message();
+  EXPECT_EQ(r.second.response.body(), pattern(6));
+  EXPECT_TRUE(r.second.reused);
+  EXPECT_EQ(r.stats.connects, 1u);
+}
+
+// The server's Keep-Alive hint less the margin bounds the idle time: the
+// pool closes the connection first (idle_expired), the server sees our FIN.
+TEST(client_pool, keep_alive_hint_closes_idle_connection_first) {
+  server_options so = idle_200ms_server();
+  so.stream.idle_timeout = 1500ms;  // Keep-Alive: timeout=1
+  rr::http_server srv(so, {});
+  asio::io_context ioc;
+  pool_options o;
+  o.hint_margin = 800ms;  // 1 s - 0.8 s: closed after 200 ms idle
+  client_pool pool(ioc.get_executor(), o);
+  std::vector<close_report> reports;
+  pool.on_close([&](const std::string&, const close_report& r) { reports.push_back(r); });
+  http_client client(pool);
+  const http_result r = run_request(ioc, client, srv.endpoint(), make_request(http::verb::get, "/"));
+  ASSERT_FALSE(r.ec) << r.ec.message();
+  EXPECT_EQ(r.response["Keep-Alive"], "timeout=1");
+  ASSERT_TRUE(run_until(
+      ioc, [&] { return reports.size() == 1; }, 20s));
+  EXPECT_EQ(pool.stats().idle_expired, 1u);
+  EXPECT_EQ(pool.stats().fins_seen_idle, 0u);
+  EXPECT_EQ(reports[0].first_fin, side::local);
+  EXPECT_EQ(reports[0].timeout, timeout_kind::idle);
+}
+
+}  // namespace
