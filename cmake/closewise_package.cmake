@@ -40,7 +40,7 @@ set(CPACK_COMPONENT_DEVELOPMENT_DESCRIPTION "${PROJECT_DESCRIPTION}: headers, CM
 set(CPACK_DEBIAN_TOOLS_PACKAGE_NAME closewise-tools)
 set(CPACK_DEBIAN_TOOLS_PACKAGE_SECTION net)
 set(CPACK_COMPONENT_TOOLS_DESCRIPTION
-    "${PROJECT_DESCRIPTION}: closewise-reqresp, closewise-echo, closewise-demo, closewise-check, closewise-lab and closewise-bench")
+    "${PROJECT_DESCRIPTION}: closewise-reqresp, closewise-echo, closewise-demo, closewise-check, closewise-lab, closewise-bench and closewise-pool-sweep")
 
 if(BUILD_SHARED_LIBS)
   set(CPACK_COMPONENTS_ALL runtime development)
