@@ -250,6 +250,8 @@ std::string describe(const demo::response_read& r) {
   if (!r.head_complete) return fmt::format("no response head, then {}", end_words(r));
   const std::string bytes =
       r.content_length ? fmt::format("{} of {}", demo::human_bytes(r.body_bytes), demo::human_bytes(*r.content_length))
+      : r.chunked      ? fmt::format("{} chunked ({})", demo::human_bytes(r.body_bytes),
+                                r.chunked_done ? "the last chunk arrived" : "no last chunk")
                        : fmt::format("{} (no Content-Length)", demo::human_bytes(r.body_bytes));
   std::string s = fmt::format("{} {}", r.status, bytes);
   if (!r.intact()) s.append(" (CORRUPT)");

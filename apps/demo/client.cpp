@@ -69,8 +69,15 @@ void parse_head(std::string_view head, response_read& r) {
       if (std::from_chars(value.data(), value.data() + value.size(), n).ec == std::errc{}) r.content_length = n;
     } else if (boost::beast::iequals(name, "connection") && boost::beast::iequals(value, "close")) {
       r.connection_close = true;
+    } else if (boost::beast::iequals(name, "transfer-encoding")) {
+      // chunked is the last coding when it is there at all (RFC 9112 6.1).
+      const auto last = value.rfind(',');
+      r.chunked =
+          boost::beast::iequals(trim(last == std::string_view::npos ? value : value.substr(last + 1)), "chunked");
     }
   }
+  // Transfer-Encoding overrides Content-Length (RFC 9112 6.3).
+  if (r.chunked) r.content_length.reset();
 }
 
 // `flags`: MSG_MORE holds the bytes back for what follows (our FIN).
@@ -95,19 +102,80 @@ read_step step_of(long n) noexcept {
   return {0, e == ECONNRESET ? read_end::reset : e == ETIMEDOUT ? read_end::timeout : read_end::error, e};
 }
 
+void take_decoded(response_read& r, std::string_view body) {
+  if (r.body_prefix.size() < 4096) r.body_prefix.append(body.substr(0, 4096 - r.body_prefix.size()));
+  if (r.check_pattern && !r.first_bad_byte) {
+    if (auto bad = reqresp::pattern_mismatch(body, r.body_bytes)) r.first_bad_byte = r.body_bytes + *bad;
+  }
+  r.body_bytes += body.size();
+}
+
+// A chunked body, byte by byte through its framing. A size line that is not
+// hex is a protocol error: what follows counts as extra bytes.
+void take_chunked(response_read& r, const char* data, std::size_t n) {
+  using part = response_read::chunk_part;
+  std::string_view in(data, n);
+  while (!in.empty()) {
+    switch (r.chunk_at) {
+      case part::data: {
+        const auto k = static_cast<std::size_t>(std::min<std::uint64_t>(in.size(), r.chunk_left));
+        take_decoded(r, in.substr(0, k));
+        in.remove_prefix(k);
+        r.chunk_left -= k;
+        if (r.chunk_left == 0) r.chunk_at = part::data_end;
+        break;
+      }
+      case part::size_line:
+      case part::data_end:
+      case part::trailer: {
+        const auto eol = in.find('\n');
+        r.chunk_line.append(in.substr(0, eol));
+        if (eol == std::string_view::npos) {
+          if (r.chunk_line.size() > 4096) r.chunk_at = part::done;  // no such line: give up decoding
+          return;
+        }
+        in.remove_prefix(eol + 1);
+        std::string_view line(r.chunk_line);
+        if (line.ends_with('\r')) line.remove_suffix(1);
+        if (r.chunk_at == part::data_end) {
+          r.chunk_at = part::size_line;
+        } else if (r.chunk_at == part::trailer) {
+          if (line.empty()) {
+            r.chunk_at = part::done;
+            r.chunked_done = true;
+          }
+        } else {
+          const std::string_view size = trim(line.substr(0, line.find(';')));
+          std::uint64_t v = 0;
+          const auto [end, ec] = std::from_chars(size.data(), size.data() + size.size(), v, 16);
+          if (ec != std::errc{} || end != size.data() + size.size()) {
+            r.chunk_at = part::done;  // not a chunked body after all
+          } else if (v == 0) {
+            r.chunk_at = part::trailer;
+          } else {
+            r.chunk_left = v;
+            r.chunk_at = part::data;
+          }
+        }
+        r.chunk_line.clear();
+        break;
+      }
+      case part::done:
+        r.extra_bytes += in.size();
+        return;
+    }
+  }
+}
+
 void take_body(response_read& r, const char* data, std::size_t n) {
+  if (r.chunked) return take_chunked(r, data, n);
   std::uint64_t wanted = n;
   if (r.content_length) {
     const std::uint64_t room = *r.content_length > r.body_bytes ? *r.content_length - r.body_bytes : 0;
     wanted = std::min<std::uint64_t>(n, room);
     r.extra_bytes += n - wanted;
   }
-  const std::string_view body(data, static_cast<std::size_t>(wanted));
-  if (r.body_prefix.size() < 4096) r.body_prefix.append(body.substr(0, 4096 - r.body_prefix.size()));
-  if (r.check_pattern && !r.first_bad_byte) {
-    if (auto bad = reqresp::pattern_mismatch(body, r.body_bytes)) r.first_bad_byte = r.body_bytes + *bad;
-  }
-  r.body_bytes += wanted;
+  take_decoded(r, std::string_view(data, static_cast<std::size_t>(wanted)));
 }
 
 }  // namespace
@@ -252,7 +320,10 @@ void read_response(const byte_source& src, response_read& r, std::uint64_t body_
   std::string head;
   for (;;) {
     std::size_t want = buf.size();
-    if (r.head_complete && body_goal != until_end) {
+    if (r.head_complete && body_goal != until_end && r.chunked) {
+      // Its length is not known ahead: read on until the last chunk (or the goal).
+      if (r.chunked_done || (body_goal != whole_body && r.body_bytes >= body_goal)) return;
+    } else if (r.head_complete && body_goal != until_end) {
       const std::uint64_t goal = r.content_length ? std::min(body_goal, *r.content_length) : body_goal;
       if (r.body_bytes >= goal) return;
       // Never read past the goal: the rest must stay in the kernel.

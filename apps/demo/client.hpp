@@ -81,9 +81,20 @@ struct response_read {
   /// Over TLS, after close_notify: how the TCP connection under it ended
   /// (EOF: the server's FIN; ECONNRESET: its RST).
   std::optional<read_end> after_close_notify;
+  /// Transfer-Encoding: chunked. `body_bytes` then counts the decoded bytes,
+  /// and the body is complete once its last chunk and trailer arrived.
+  bool chunked = false;
+  bool chunked_done = false;
+  /// The chunked decoder's state: where it is in the framing, the line read
+  /// so far (a size or trailer line), the bytes left in the current chunk.
+  enum class chunk_part : std::uint8_t { size_line, data, data_end, trailer, done } chunk_at = chunk_part::size_line;
+  std::string chunk_line;
+  std::uint64_t chunk_left = 0;
 
   bool intact() const noexcept { return !first_bad_byte && extra_bytes == 0; }
-  bool complete() const noexcept { return head_complete && content_length && body_bytes >= *content_length; }
+  bool complete() const noexcept {
+    return head_complete && ((content_length && body_bytes >= *content_length) || chunked_done);
+  }
 };
 
 /// `read_response` goals: the whole body (as Content-Length says), or

@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <memory>
@@ -23,6 +24,7 @@
 #include "check/check.hpp"
 #include "closewise/server.hpp"
 #include "closewise/tls.hpp"
+#include "demo/client.hpp"
 #include "reqresp/http_session.hpp"
 
 using namespace closewise;
@@ -30,6 +32,7 @@ using namespace closewise::check;
 using namespace std::chrono_literals;
 using closewise::test::broken_knobs;
 using closewise::test::broken_server;
+namespace demo = closewise::demo;
 
 namespace {
 
@@ -299,4 +302,45 @@ TEST(check_binary, only_and_json_exit_0_on_a_pass_1_on_a_fail_2_on_usage) {
   test::child v({CLOSEWISE_CHECK_BINARY, "--version"});
   EXPECT_EQ(v.wait(10s), 0);
   EXPECT_EQ(v.out().rfind("closewise-check ", 0), 0u) << v.out();
+}
+
+// The response reader under every check: a chunked body (Node's http module
+// and many applications send one for small answers) is decoded across reads
+// cut anywhere, its trailer included, and ends at its last chunk; a size
+// line that is not hex leaves it incomplete instead of guessing.
+namespace {
+
+demo::response_read read_in_pieces(const std::string& bytes, std::size_t piece) {
+  std::size_t at = 0;
+  const demo::byte_source src = [&](char* data, std::size_t n, std::chrono::milliseconds) {
+    if (at == bytes.size()) return demo::read_step{0, demo::read_end::eof, 0};
+    const std::size_t k = std::min({n, piece, bytes.size() - at});
+    std::copy_n(bytes.data() + at, k, data);
+    at += k;
+    return demo::read_step{k, demo::read_end::none, 0};
+  };
+  demo::response_read r;
+  demo::read_response(src, r, demo::whole_body, 1s);
+  return r;
+}
+
+}  // namespace
+
+TEST(check, chunked_responses_are_decoded_across_reads) {
+  const std::string response =
+      "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+      "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+  for (const std::size_t piece : {std::size_t{1}, std::size_t{3}, std::size_t{7}, response.size()}) {
+    const auto r = read_in_pieces(response, piece);
+    EXPECT_TRUE(r.chunked) << piece;
+    EXPECT_FALSE(r.content_length) << "Transfer-Encoding overrides Content-Length";
+    EXPECT_TRUE(r.complete()) << "pieces of " << piece;
+    EXPECT_EQ(r.body_prefix, "hello world") << piece;
+    EXPECT_EQ(r.body_bytes, 11u) << piece;
+    EXPECT_EQ(r.extra_bytes, 0u) << piece;
+    EXPECT_EQ(r.end, demo::read_end::none) << "it stops at the last chunk, not at EOF";
+  }
+  const auto bad = read_in_pieces("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 4);
+  EXPECT_FALSE(bad.complete());
+  EXPECT_EQ(bad.end, demo::read_end::eof);
 }
