@@ -65,6 +65,22 @@ std::optional<connection> large_exchange(row& out, const options& opts, int rcvb
     return std::nullopt;
   }
   if (auto why = large_unusable(opts, r); !why.empty()) {
+    // Asked alone, does the path answer? Then it is this check's way of
+    // asking that the server refused (Node answers 400 to a request with
+    // another pipelined behind its Connection: close): the client lost its
+    // response, which is the failure the check is about.
+    response_read alone;
+    row scratch;  // a probe that cannot connect says nothing about this check
+    if (auto probe = open_with_request(scratch, opts, 0, get_request(opts, large_path(opts, opts.large_size), true))) {
+      probe->read(alone, 0, opts.wait_limit);
+      if (large_unusable(opts, alone).empty()) {
+        out.observed = describe(r);
+        add_read_facts(out, r);
+        fail(out, fmt::format("answered {} here, while the same GET alone answers {}: the response was lost", r.status,
+                              alone.status));
+        return std::nullopt;
+      }
+    }
     skip(out, why);
     return std::nullopt;
   }

@@ -226,6 +226,14 @@ void broken_server::serve(int fd) {
       break;
     }
     first = false;
+    if (knobs_.refuse_pipelined_after_close && req.close) {
+      char ch = 0;
+      if (wait_input(fd, std::chrono::milliseconds(200)) == 1 && ::recv(fd, &ch, 1, MSG_PEEK) == 1) {
+        (void)send_all(fd, "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        how = ending::graceful;
+        break;
+      }
+    }
     if (knobs_.half_close_is_end) {
       // The bug: a FIN right behind the request is taken for "nothing to answer".
       char ch = 0;

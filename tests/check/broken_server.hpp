@@ -42,6 +42,9 @@ struct broken_knobs {
   /// A client's FIN before any request is ignored: the socket stays open
   /// (CLOSE_WAIT) until the server stops.
   bool leak_on_eof = false;
+  /// Bytes already behind a Connection: close request make the server
+  /// answer 400 instead of the request (Node's http module does this).
+  bool refuse_pipelined_after_close = false;
   /// A client's RST mid-response stalls the whole server for `stall`.
   bool stall_after_reset = false;
   std::chrono::milliseconds stall{3000};

@@ -184,6 +184,14 @@ TEST(check, pipelined_close_fails_when_the_server_closes_with_unread_input) {
   EXPECT_EQ(r.facts.value("end", ""), "reset") << explain(r);
 }
 
+// A 400 for the pair where the path alone answers 200 is a lost response,
+// not a path the check cannot use.
+TEST(check, pipelined_close_fails_when_the_server_refuses_the_pipelined_pair) {
+  const row r = against({.refuse_pipelined_after_close = true}, "pipelined-close");
+  EXPECT_EQ(r.result, verdict::fail) << explain(r);
+  EXPECT_NE(r.reason.find("alone answers 200"), std::string::npos) << explain(r);
+}
+
 TEST(check, late_pipelined_fails_when_the_server_closes_with_unread_input) {
   const row r = against({.close_with_unread_input = true}, "late-pipelined");
   EXPECT_EQ(r.result, verdict::fail) << explain(r);
