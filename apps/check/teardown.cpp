@@ -181,12 +181,14 @@ std::vector<error_case> error_cases(const options& opts) {
   const std::string host = fmt::format("Host: {}\r\n", opts.host);
   std::string big_header = "GET / HTTP/1.1\r\n" + host + "X-Oversized: ";
   big_header.append(64 * 1024, 'a').append("\r\n\r\n");
-  std::string big_body = "POST / HTTP/1.1\r\n" + host + "Content-Length: 1073741824\r\n\r\n";
+  std::string big_body = "POST / HTTP/1.1\r\n" + host + "Content-Length: 1099511627776\r\n\r\n";
   big_body.append(64 * 1024, 'b');
   std::string bad_line = "NOT AN HTTP REQUEST LINE\r\n" + host + "\r\n";
   bad_line.append(get_request(opts, small_path(), false));
   return {{"oversized-header", "a 64 KiB header line", std::move(big_header)},
-          {"oversized-body", "Content-Length 1 GiB, 64 KiB of it sent, the rest pending", std::move(big_body)},
+          {"oversized-body",
+           "Content-Length 1 TiB (past any body limit; Apache allows 1 GiB), 64 KiB of it sent, the rest pending",
+           std::move(big_body)},
           {"bad-request-line", "a request line that is not HTTP, a valid request behind it", std::move(bad_line)}};
 }
 
@@ -360,6 +362,10 @@ constexpr std::int64_t fast_ms = 1000;  // a fresh client's request on a healthy
 
 }  // namespace
 
+// How long, and how often, fresh clients are served after the RST.
+constexpr std::chrono::milliseconds client_rst_window{1500};
+constexpr std::chrono::milliseconds client_rst_spacing{100};
+
 row check_client_rst(const options& opts) {
   row out = titled("client-rst", "a client resets mid-response",
                    "the server survives; the next client is served at once (< 1 s)");
@@ -368,20 +374,26 @@ row check_client_rst(const options& opts) {
   auto c = large_exchange(out, opts, small_rcvbuf, get_request(opts, large_path(opts, size), false), r);
   if (!c) return out;
   c->raw.reset();
+  // Fresh clients for a while after the RST, not just at once: the server
+  // learns of the reset when its write fails, which on a busy machine may
+  // come after a first request already went through.
   std::vector<std::int64_t> latencies;
-  for (int i = 0; i < 3; ++i) {
+  const auto reset_at = clock::now();
+  while (latencies.empty() || clock::now() - reset_at < client_rst_window) {
     std::string why;
     const auto ms = timed_request(opts, why);
     if (!ms) {
-      out.observed = fmt::format("after our RST, request {} failed: {}", i + 1, why);
+      out.observed = fmt::format("after our RST, request {} failed: {}", latencies.size() + 1, why);
       return fail(out, "the server did not serve the next client");
     }
     latencies.push_back(*ms);
+    std::this_thread::sleep_for(client_rst_spacing);
   }
   out.facts["next_ms"] = latencies;
   const auto worst = *std::max_element(latencies.begin(), latencies.end());
-  out.observed = fmt::format("RST after {} of {}; the next 3 requests took {} ms", demo::human_bytes(r.body_bytes),
-                             demo::human_bytes(r.content_length.value_or(0)), fmt::join(latencies, ", "));
+  out.observed = fmt::format("RST after {} of {}; the next {} requests over {} s took {} ms at most",
+                             demo::human_bytes(r.body_bytes), demo::human_bytes(r.content_length.value_or(0)),
+                             latencies.size(), std::chrono::duration<double>(client_rst_window).count(), worst);
   if (worst > fast_ms) return fail(out, fmt::format("the next client waited {} ms", worst));
   return pass(out);
 }
