@@ -276,7 +276,9 @@ row check_slow_reader(const options& opts) {
     out.observed = fmt::format("still open after {:.1f} s of not reading, {} of {} received", ms / 1000.0,
                                demo::human_bytes(r.body_bytes), demo::human_bytes(r.content_length.value_or(0)));
     out.facts["ended"] = false;
-    return fail(out, "no write timeout: the server keeps a client that does not read");
+    return fail(out, fmt::format("not ended within --slow-limit ({:.0f} s): a client that does not read holds the "
+                                 "connection (no write timeout, or a longer one)",
+                                 std::chrono::duration<double>(opts.slow_limit).count()));
   }
   c->read(r, demo::until_end, opts.wait_limit);
   out.facts["ended"] = true;
@@ -481,10 +483,14 @@ row check_slowloris(const options& opts) {
   out.facts["requests"] = latencies.size();
   out.facts["p99_ms"] = p99;
   out.observed = fmt::format("slow client {} after {:.1f} s ({} B sent); {} fresh requests, p99 {} ms",
-                             slow.cut ? "cut: " + slow.how : std::string("never cut"), slow.ms / 1000.0,
-                             slow.bytes_sent, latencies.size(), p99);
+                             slow.cut ? "cut: " + slow.how : std::string("not cut"), slow.ms / 1000.0, slow.bytes_sent,
+                             latencies.size(), p99);
   if (!failure.empty()) return fail(out, failure);
-  if (!slow.cut) return fail(out, "the slow client was never cut: no request (header) timeout");
+  if (!slow.cut) {
+    return fail(out, fmt::format("the slow client was not cut within --slow-limit ({:.0f} s): no deadline for a "
+                                 "request's header, or a longer one",
+                                 std::chrono::duration<double>(opts.slow_limit).count()));
+  }
   if (p99 > fast_ms) return fail(out, fmt::format("fresh requests' p99 {} ms while the slow client was on", p99));
   return pass(out);
 }
