@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"get", "post"}))
       ->capture_default_str();
   cli.add_option("--path", c.path, "Request target")->capture_default_str();
+  cli.add_flag("--pool-per-user", c.pool_per_user,
+               "One pool of one connection per user (each connection idles for the user's whole gap) instead of one "
+               "shared pool");
   cli.add_option("--users", c.users, "Concurrent pool users")->check(CLI::Range(1u, 100000u))->capture_default_str();
   cli.add_option("--gap-min", gap_min_s, "Shortest gap between a user's requests, seconds")->capture_default_str();
   cli.add_option("--gap-max", gap_max_s, "Longest gap between a user's requests, seconds")->capture_default_str();

@@ -1,7 +1,9 @@
 #include "poolsweep/sweep.hpp"
 
 #include <algorithm>
+#include <memory>
 #include <random>
+#include <vector>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
@@ -20,13 +22,46 @@ constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
 
 struct sweep_run {
   const sweep_config* config = nullptr;
-  client_pool* pool = nullptr;
-  http_client* client = nullptr;
+  std::vector<std::unique_ptr<client_pool>> pools;  // one, or one per user
+  std::vector<std::unique_ptr<http_client>> clients;
   sweep_result* result = nullptr;
   std::uint64_t next_id = 0;
   unsigned running = 0;
   bool stop = false;
+
+  std::uint64_t reuses() const {
+    std::uint64_t n = 0;
+    for (const auto& p : pools) n += p->stats().reuses;
+    return n;
+  }
 };
+
+// The pools' counters, added up.
+pool_stats sum(const std::vector<std::unique_ptr<client_pool>>& pools) {
+  pool_stats t;
+  for (const auto& p : pools) {
+    const pool_stats s = p->stats();
+    t.connects += s.connects;
+    t.connect_failures += s.connect_failures;
+    t.reuses += s.reuses;
+    t.fins_seen_idle += s.fins_seen_idle;
+    t.resets_seen_idle += s.resets_seen_idle;
+    t.bytes_seen_idle += s.bytes_seen_idle;
+    t.idle_expired += s.idle_expired;
+    t.dropped_at_reuse += s.dropped_at_reuse;
+    t.retries += s.retries;
+    t.wait_timeouts += s.wait_timeouts;
+    t.overloaded += s.overloaded;
+    t.closed += s.closed;
+    t.failed_connect += s.failed_connect;
+    t.failed_pool += s.failed_pool;
+    t.failed_timeout += s.failed_timeout;
+    t.failed_stale_reuse_not_retried += s.failed_stale_reuse_not_retried;
+    t.failed_connection += s.failed_connection;
+    t.failed_protocol += s.failed_protocol;
+  }
+  return t;
+}
 
 void count_failure(sweep_result& r, const http_result& h) {
   ++r.failures;
@@ -41,17 +76,19 @@ void count_failure(sweep_result& r, const http_result& h) {
 
 // One pool user: a request, then a gap drawn from the window, until the pool
 // reused enough (or the run stops).
-asio::awaitable<void> sweep_user(sweep_run* run, unsigned seed) {
+asio::awaitable<void> sweep_user(sweep_run* run, unsigned user) {
   const sweep_config& c = *run->config;
+  const unsigned seed = 1000 + user;
+  http_client& client = *run->clients[run->clients.size() == 1 ? 0 : user];
   std::mt19937 rng(seed);
   std::uniform_int_distribution<std::int64_t> gap_ms(c.gap_min.count(), std::max(c.gap_min, c.gap_max).count());
   asio::steady_timer gap(co_await asio::this_coro::executor);
-  while (!run->stop && run->pool->stats().reuses < c.reuses) {
+  while (!run->stop && run->reuses() < c.reuses) {
     http_request req{c.method, c.path, 11};
     if (c.method == http::verb::post) req.body() = std::to_string(++run->next_id);
     request_timeouts t;
     t.whole = c.request_timeout;
-    http_result h = co_await run->client->request(c.target, std::move(req), t);
+    http_result h = co_await client.request(c.target, std::move(req), t);
     ++run->result->requests;
     if (h.ec || h.response.result() != http::status::ok) count_failure(*run->result, h);
     gap.expires_after(std::chrono::milliseconds(gap_ms(rng)));
@@ -69,11 +106,17 @@ sweep_result run_pool_sweep(const sweep_config& config) {
   const auto start = clock::now();
   {
     pool_options po = config.pool;
-    po.max_connections_per_target = std::max<std::size_t>(po.max_connections_per_target, config.users);
-    client_pool pool(ioc.get_executor(), po);
-    http_client client(pool);
-    sweep_run run{&config, &pool, &client, &result, 0, config.users, false};
-    for (unsigned i = 0; i < config.users; ++i) asio::co_spawn(ioc, sweep_user(&run, 1000 + i), asio::detached);
+    po.max_connections_per_target =
+        config.pool_per_user ? 1 : std::max<std::size_t>(po.max_connections_per_target, config.users);
+    sweep_run run;
+    run.config = &config;
+    run.result = &result;
+    run.running = config.users;
+    for (unsigned i = 0; i < (config.pool_per_user ? config.users : 1u); ++i) {
+      run.pools.push_back(std::make_unique<client_pool>(ioc.get_executor(), po));
+      run.clients.push_back(std::make_unique<http_client>(*run.pools.back()));
+    }
+    for (unsigned i = 0; i < config.users; ++i) asio::co_spawn(ioc, sweep_user(&run, i), asio::detached);
     const auto end = start + config.limit;
     while (run.running > 0 && clock::now() < end) ioc.run_for(std::chrono::milliseconds(50));
     result.finished = run.running == 0;
@@ -83,7 +126,7 @@ sweep_result run_pool_sweep(const sweep_config& config) {
       const auto grace = clock::now() + config.request_timeout + std::chrono::seconds(1);
       while (run.running > 0 && clock::now() < grace) ioc.run_for(std::chrono::milliseconds(50));
     }
-    result.stats = pool.stats();
+    result.stats = sum(run.pools);
   }
   // The pool is gone: its idle connections close; let them finish.
   ioc.restart();

@@ -30,6 +30,13 @@ struct sweep_config {
   std::chrono::milliseconds request_timeout{20000};  ///< each request's whole deadline
   std::chrono::milliseconds limit{600000};           ///< give up after this long (finished = false)
   pool_options pool;                                 ///< its max_connections_per_target is raised to `users` if lower
+  /// One pool of one connection per user instead of one pool for all: each
+  /// connection then idles for the user's whole gap, as a client that keeps
+  /// one connection per user does (Node's agent with maxSockets 1, a
+  /// requests Session). One shared pool hands the most recently used
+  /// connection to whichever user asks next, so its connections rarely idle
+  /// that long and meet the server's idle close less often.
+  bool pool_per_user = false;
 };
 
 struct sweep_result {
