@@ -36,11 +36,15 @@ struct options {
   /// has its own bound, documented with it.
   std::chrono::milliseconds wait_limit{10000};
   /// How long the idle keep-alive check waits for the server to close an
-  /// idle connection before it calls the server's idle timeout absent.
-  std::chrono::milliseconds idle_limit{20000};
+  /// idle connection before it calls the server's idle timeout absent. Past
+  /// the 60 to 75 s that servers ship with (nginx's keepalive_timeout 75s,
+  /// closewise-reqresp's 75 s): a shorter limit would fail them for a timeout
+  /// they do have. A server with short timeouts ends the card sooner.
+  std::chrono::milliseconds idle_limit{90000};
   /// How long the slow-reader and slowloris checks wait for the server to
-  /// end a slow client before they call it unbounded.
-  std::chrono::milliseconds slow_limit{20000};
+  /// end a slow client before they call it unbounded; past the common 60 s
+  /// header and send timeouts, for the same reason.
+  std::chrono::milliseconds slow_limit{70000};
 };
 
 enum class verdict : std::uint8_t {

@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   std::string json_file;
   bool all_cases = false;
   std::string log_level = "warn";
-  double wait_s = 10, idle_s = 20, slow_s = 20;
+  double wait_s = 10, idle_s = 90, slow_s = 70;
   cli.add_option("--target", opts.target, "The server (numeric HOST:PORT)")->required()->type_name("HOST:PORT");
   cli.add_flag("--tls", opts.tls, "Speak TLS to the target (the TLS checks run only then)");
   cli.add_option("--large-path", opts.large_path,
