@@ -19,7 +19,7 @@ std::string_view trim(std::string_view s) noexcept {
 
 // The codings of every Transfer-Encoding field, in order, parameters dropped,
 // empty list elements ignored (RFC 9110 section 5.6.1).
-std::vector<std::string_view> transfer_codings(const http::request_header<>& h) {
+std::vector<std::string_view> transfer_codings(const request_header& h) {
   std::vector<std::string_view> out;
   auto [first, last] = h.equal_range(http::field::transfer_encoding);
   for (auto it = first; it != last; ++it) {
@@ -39,7 +39,7 @@ bool iequals(std::string_view a, std::string_view b) noexcept { return boost::be
 
 rejection bad(std::string reason) { return {http::status::bad_request, std::move(reason)}; }
 
-std::optional<rejection> check_transfer_encoding(const http::request_header<>& h) {
+std::optional<rejection> check_transfer_encoding(const request_header& h) {
   if (h.count(http::field::transfer_encoding) == 0) return std::nullopt;
   // Both framings at once is the classic smuggling vector: refuse, never pick one.
   if (h.count(http::field::content_length) > 0) return bad("Transfer-Encoding with Content-Length");
@@ -58,7 +58,7 @@ std::optional<rejection> check_transfer_encoding(const http::request_header<>& h
 
 }  // namespace
 
-std::optional<rejection> check_header(const http::request_header<>& h) {
+std::optional<rejection> check_header(const request_header& h) {
   // Refused like a malformed request (and the connection closed): whatever
   // follows a method we do not know cannot be trusted to be framed as we think.
   if (h.method() == http::verb::unknown) return rejection{http::status::not_implemented, "method not implemented"};

@@ -17,11 +17,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory_resource>
 #include <optional>
 #include <string>
 #include <string_view>
 
 #include <boost/beast/http/error.hpp>
+#include <boost/beast/http/fields.hpp>
 #include <boost/beast/http/message.hpp>
 #include <boost/beast/http/status.hpp>
 #include <boost/beast/http/verb.hpp>
@@ -30,6 +32,15 @@ namespace closewise::reqresp {
 
 namespace http = boost::beast::http;
 using error_code = boost::system::error_code;
+
+/// The header fields of the server's requests: Beast's container over a
+/// polymorphic allocator, so that a session can give each request an arena
+/// (the target and every field carved from one buffer and released as a
+/// whole) instead of one heap allocation per field. A default-constructed
+/// header uses the heap, as with std::allocator.
+using field_allocator = std::pmr::polymorphic_allocator<char>;
+using request_fields = http::basic_fields<field_allocator>;
+using request_header = http::request_header<request_fields>;
 
 /// Why a request is refused before any route sees it.
 struct rejection {
@@ -49,7 +60,7 @@ inline constexpr std::size_t max_method_length = 32;
 ///   repeated or not last (400); any coding but chunked (501);
 /// - a target in origin form ("/..."), absolute form, or "*" (400 otherwise);
 /// - an Expect other than 100-continue (417).
-std::optional<rejection> check_header(const http::request_header<>& h);
+std::optional<rejection> check_header(const request_header& h);
 
 /// What a parse error means for the client. `header_done`: the parser got
 /// through the header; `start_line_done`: it parsed the request line (method
@@ -75,7 +86,7 @@ struct route_match {
   std::optional<route> which;        ///< nullopt: the answer is `refusal`
   std::uint64_t bytes = 0;           ///< route::bytes: N
   std::optional<rejection> refusal;  ///< 404, 405 (with `allow`), 400 (bad N), 501 (unknown method)
-  std::string allow;                 ///< for 405: the Allow header
+  std::string_view allow;            ///< for 405: the Allow header (static text)
 };
 
 /// Matches method and target (query string ignored; absolute form reduced to

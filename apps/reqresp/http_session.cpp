@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <cstddef>
 #include <iterator>
+#include <memory_resource>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -44,8 +46,15 @@ constexpr std::size_t idle_read_bytes = 512;
 // instead of growing the buffer without bound.
 constexpr std::size_t buffer_slack = 64 * 1024;
 
-using request_parser = http::request_parser<http::string_body>;
-using request = http::request<http::string_body>;
+// Each request's target and header fields come from the session's arena
+// (request_fields, http_rules.hpp): a request whose fields fit in
+// `request_arena_bytes` makes no heap allocation for them, and a larger one
+// continues on the heap, released with the rest before the next request.
+// 512 bytes hold the target and the few fields of a usual client (curl's
+// three, a load balancer's health check) with Beast's ~80 bytes per field.
+using request_parser = http::request_parser<http::string_body, field_allocator>;
+using request = http::request<http::string_body, request_fields>;
+constexpr std::size_t request_arena_bytes = 512;
 
 const std::string& server_header() {
   static const std::string name = std::string("closewise-reqresp/") + closewise::version_string;
@@ -191,25 +200,33 @@ void format_head(std::string& out, const response_head& h) {
   out += "\r\n\r\n";
 }
 
-// Writes a response whose body is in memory (HEAD: the same head, no body).
-// Coroutine helpers take references: each is awaited at once by the session,
-// whose frame owns the referenced objects.
-template <class Stream>
-asio::awaitable<error_code> write_text(Stream& io, std::string& head_buffer, response_head h, std::string_view body,
-                                       bool head_only) {
-  h.length = body.size();
-  format_head(head_buffer, h);
-  const std::array<asio::const_buffer, 2> parts{asio::buffer(head_buffer),
-                                                asio::buffer(body.data(), head_only ? 0 : body.size())};
-  auto [ec, n] = co_await asio::async_write(io, parts, use_tuple);
-  co_return ec;
+// What one response is, decided without I/O: the session writes it with one
+// awaited write (no coroutine of its own, which would cost a frame per
+// request), or, for GET /bytes/N, with write_pattern. Filled in place: `body`
+// may point into `owned`, which a move would invalidate.
+struct response_plan {
+  response_head head;
+  std::string_view body;  // into `owned`, the request's body, or static text
+  std::string owned;
+  bool head_only = false;  // HEAD: the same head, no body
+  bool pattern = false;    // GET /bytes/N: head.length bytes of the pattern
+  response_plan() = default;
+  response_plan(const response_plan&) = delete;
+  response_plan& operator=(const response_plan&) = delete;
+};
+
+void set_owned_body(response_plan& p, std::string text) {
+  p.owned = std::move(text);
+  p.body = p.owned;
 }
 
 // GET /bytes/N: N bytes of the pattern, straight from its immutable table
 // (no allocation per response, any N up to --max-bytes), the first piece in
-// the same write as the head.
+// the same write as the head. Takes references: it is awaited at once by the
+// session, whose frame owns the referenced objects.
 template <class Stream>
-asio::awaitable<error_code> write_pattern(Stream& io, std::string& head_buffer, response_head h, bool head_only) {
+asio::awaitable<error_code> write_pattern(Stream& io, std::string& head_buffer, const response_head& h,
+                                          bool head_only) {
   format_head(head_buffer, h);
   std::uint64_t offset = head_only ? h.length : 0;
   auto piece = [&] { return static_cast<std::size_t>(std::min<std::uint64_t>(pattern_span, h.length - offset)); };
@@ -225,24 +242,23 @@ asio::awaitable<error_code> write_pattern(Stream& io, std::string& head_buffer, 
   co_return ec;
 }
 
-// Answers a refused request and ends the session with a graceful close. A
-// refused HEAD gets the header alone: a body there would be read by the
-// client as the start of the next response (RFC 9110 section 9.3.2).
-template <class Stream>
-asio::awaitable<void> refuse(connection& c, Stream& io, http_service& svc, std::string& head_buffer, const rejection& r,
-                             bool head) {
+// The answer to a refused request, which ends the session with a graceful
+// close. A refused HEAD gets the header alone: a body there would be read by
+// the client as the start of the next response (RFC 9110 section 9.3.2).
+void plan_refusal(response_plan& p, connection& c, http_service& svc, const rejection& r, bool head) {
   svc.counters().refused.fetch_add(1, std::memory_order_relaxed);
   if (r.status == http::status::request_timeout) svc.counters().timeouts.fetch_add(1, std::memory_order_relaxed);
   closewise::logger()->info("[conn {}] refused: {} {}", c.id(), static_cast<unsigned>(r.status), r.reason);
   // Whatever --teardown says: a fin_close or abortive close here would let the
   // unread rest of the request turn into a RST that destroys this answer.
   c.set_close_policy(close_policy::graceful);
-  response_head h;
-  h.status = r.status;
-  h.keep_alive = false;
-  const std::string body = r.reason + "\n";
-  if (!co_await write_text(io, head_buffer, h, body, head))
-    svc.counters().responses.fetch_add(1, std::memory_order_relaxed);
+  p.head.status = r.status;
+  p.head.keep_alive = false;
+  p.head_only = head;
+  std::string body;
+  body.reserve(r.reason.size() + 1);
+  body.append(r.reason).push_back('\n');
+  set_owned_body(p, std::move(body));
 }
 
 std::string stats_text(const http_service& svc, route which) {
@@ -250,15 +266,14 @@ std::string stats_text(const http_service& svc, route which) {
   return which == route::stats ? to_json(snap) + "\n" : to_prometheus(snap);
 }
 
-// Runs the route for an accepted request and writes the response. Returns the
-// write's error. `ready`: what GET /ready answers (connection::ready).
-template <class Stream>
-asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& head_buffer, request& req,
-                                  bool keep_alive, bool ready, std::uint64_t keep_alive_seconds) {
-  const bool head = req.method() == http::verb::head;
+// Runs the route for an accepted request: what to answer. `ready`: what GET
+// /ready answers (connection::ready).
+void plan_response(response_plan& p, http_service& svc, request& req, bool keep_alive, bool ready,
+                   std::uint64_t keep_alive_seconds) {
+  p.head_only = req.method() == http::verb::head;
   const route_match m = match_route(req.method(), std::string_view(req.target().data(), req.target().size()),
                                     svc.options().max_response_bytes);
-  response_head h;
+  response_head& h = p.head;
   h.version = req.version();
   h.keep_alive = keep_alive;
   h.keep_alive_seconds = keep_alive_seconds;
@@ -266,40 +281,45 @@ asio::awaitable<error_code> serve(Stream& io, http_service& svc, std::string& he
     // 404 / 405 / a bad N: the request was well formed, the connection may live on.
     h.status = m.refusal->status;
     h.allow = m.allow;
-    const std::string body = m.refusal->reason + "\n";
-    co_return co_await write_text(io, head_buffer, h, body, head);
+    std::string body;
+    body.reserve(m.refusal->reason.size() + 1);
+    body.append(m.refusal->reason).push_back('\n');
+    set_owned_body(p, std::move(body));
+    return;
   }
   svc.counters().routed.fetch_add(1, std::memory_order_relaxed);
   switch (*m.which) {
     case route::bytes:
       h.type = "application/octet-stream";
       h.length = m.bytes;
-      co_return co_await write_pattern(io, head_buffer, h, head);
+      p.pattern = true;
+      return;
     case route::echo: {
       const auto type = req[http::field::content_type];
       h.type = type.empty() ? std::string_view("application/octet-stream") : std::string_view(type.data(), type.size());
-      co_return co_await write_text(io, head_buffer, h, req.body(), false);
+      p.body = req.body();
+      p.head_only = false;
+      return;
     }
     case route::stats:
-    case route::metrics: {
+    case route::metrics:
       h.type = *m.which == route::stats ? "application/json" : "text/plain; version=0.0.4";
-      const std::string body = stats_text(svc, *m.which);
-      co_return co_await write_text(io, head_buffer, h, body, head);
-    }
+      set_owned_body(p, stats_text(svc, *m.which));
+      return;
     case route::ready:
       // 503 from the signal on, while everything else is still served
       // (--drain-delay): the load balancer's probe takes us out of rotation
       // before the drain closes anything. In a drain keep_alive is false:
       // Connection: close, as on every answer then.
       if (!ready) h.status = http::status::service_unavailable;
-      co_return co_await write_text(io, head_buffer, h, ready ? "ready\n" : "not ready: shutting down\n", head);
+      p.body = ready ? "ready\n" : "not ready: shutting down\n";
+      return;
     case route::root:
       break;
   }
-  co_return co_await write_text(io, head_buffer, h,
-                                "closewise-reqresp: TCP teardown done right.\n"
-                                "GET /bytes/N, POST /echo, GET /stats, GET /metrics\n",
-                                head);
+  p.body =
+      "closewise-reqresp: TCP teardown done right.\n"
+      "GET /bytes/N, POST /echo, GET /stats, GET /metrics\n";
 }
 
 std::string_view unparsed(const beast::flat_buffer& b) {
@@ -374,11 +394,16 @@ bool wants_continue(const request_parser& p) {
 
 }  // namespace
 
+// The session's one coroutine: its frame keeps `c` and `svc` (copies), and
+// with them `io`, which belongs to the connection.
 template <class Stream>
-asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr<http_service>& svc) {
+asio::awaitable<void> http_session_on(connection c, Stream& io, std::shared_ptr<http_service> svc) {
   const http_options& o = svc->options();
   // Kept across requests: bytes of the next (pipelined) request stay here.
   beast::flat_buffer buffer(o.max_header_bytes + buffer_slack);
+  // Declared before the parser, which must go first (its fields live here).
+  std::array<std::byte, request_arena_bytes> arena_bytes;
+  std::pmr::monotonic_buffer_resource arena(arena_bytes.data(), arena_bytes.size());
   std::optional<request_parser> parser;
   request_deadline deadline(io.get_executor(), o.request_timeout);
   bool first_request = true;
@@ -386,6 +411,7 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
   const std::uint64_t keep_alive_seconds = keep_alive_hint(c.io().options().idle_timeout);
   std::string head_buffer;  // every response's head, reused: one allocation, not one per doubling
   head_buffer.reserve(256);
+  std::optional<response_plan> plan;  // the current response; its body may be the request's
   for (;;) {
     if (buffer.size() == 0) {
       // Between requests: the only place a drain may close the connection.
@@ -407,7 +433,12 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
     // was still incomplete (server_options::input_ready).
     deadline.start(first_request ? c.input_since() : std::chrono::steady_clock::now());
     first_request = false;
-    parser.emplace();
+    // The last request's fields, and the response that may point into
+    // them, go before the arena's memory is handed out again.
+    plan.reset();
+    parser.reset();
+    arena.release();
+    parser.emplace(std::piecewise_construct, std::make_tuple(), std::make_tuple(field_allocator(&arena)));
     parser->header_limit(static_cast<std::uint32_t>(std::min<std::size_t>(o.max_header_bytes, UINT32_MAX)));
     parser->body_limit(o.max_body_bytes);
 
@@ -449,23 +480,34 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
       if (answerable && parser->is_done()) io.mark_message_complete();
     }
     if (!answerable) co_return;  // the peer ended the stream mid-request or the connection failed
-    if (refusal) {
-      // The method is known once the request line was parsed (verb::unknown before).
-      co_await refuse(c, io, *svc, head_buffer, *refusal, parser->get().method() == http::verb::head);
-      co_return;  // a graceful close; nothing pipelined behind a refused request runs
-    }
-
-    svc->counters().requests.fetch_add(1, std::memory_order_relaxed);
     // Served in place: a moved-out message would be one more object in
     // every connection's coroutine frame.
     request& req = parser->get();
     // A drain answers the request in progress and says the connection ends.
-    const bool keep_alive = req.keep_alive() && !c.draining();
-    closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
-                               std::string_view(req.target()));
-    if (const error_code ec = co_await serve(io, *svc, head_buffer, req, keep_alive, c.ready(), keep_alive_seconds))
-      co_return;
+    const bool keep_alive = !refusal && req.keep_alive() && !c.draining();
+    plan.emplace();
+    if (refusal) {
+      // The method is known once the request line was parsed (verb::unknown before).
+      plan_refusal(*plan, c, *svc, *refusal, req.method() == http::verb::head);
+    } else {
+      svc->counters().requests.fetch_add(1, std::memory_order_relaxed);
+      closewise::logger()->debug("[conn {}] {} {}", c.id(), std::string_view(req.method_string()),
+                                 std::string_view(req.target()));
+      plan_response(*plan, *svc, req, keep_alive, c.ready(), keep_alive_seconds);
+    }
+    error_code wec;
+    if (plan->pattern) {
+      wec = co_await write_pattern(io, head_buffer, plan->head, plan->head_only);
+    } else {
+      plan->head.length = plan->body.size();
+      format_head(head_buffer, plan->head);
+      const std::array<asio::const_buffer, 2> parts{
+          asio::buffer(head_buffer), asio::buffer(plan->body.data(), plan->head_only ? 0 : plan->body.size())};
+      std::tie(wec, std::ignore) = co_await asio::async_write(io, parts, use_tuple);
+    }
+    if (wec) co_return;
     svc->counters().responses.fetch_add(1, std::memory_order_relaxed);
+    if (refusal) co_return;  // a graceful close; nothing pipelined behind a refused request runs
     // The requester has everything it asked for, unless a pipelined request
     // already waits in our buffer: then rst_if_safe must not call it complete.
     if (buffer.size() == 0) c.mark_exchange_complete();
@@ -473,12 +515,12 @@ asio::awaitable<void> http_session_on(connection& c, Stream& io, std::shared_ptr
   }
 }
 
+// Not a coroutine: it picks the stream and returns that coroutine's
+// awaitable, one frame per connection instead of two.
 asio::awaitable<void> http_session(connection c, std::shared_ptr<http_service> svc) {
-  if (tls_stream* t = c.tls()) {
-    co_await http_session_on(c, *t, svc);
-  } else {
-    co_await http_session_on(c, c.io(), svc);
-  }
+  if (tls_stream* t = c.tls()) return http_session_on(c, *t, std::move(svc));
+  stream& io = c.io();
+  return http_session_on(std::move(c), io, std::move(svc));
 }
 
 bool header_complete(std::string_view waiting) noexcept {

@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
   rr::http_options http;
   double request_timeout_s = 10.0;
   double drain_delay_s = 0.0;
+  double first_input_timeout_s = 0.0;
   cli.add_option("--max-bytes", http.max_response_bytes, "Largest N that GET /bytes/N serves")->capture_default_str();
   cli.add_option("--max-header-bytes", http.max_header_bytes,
                  "Request line and header fields at most; over it: 431 (414 or 501 for the request line)")
@@ -51,6 +52,12 @@ int main(int argc, char** argv) {
   cli.add_option("--request-timeout", request_timeout_s,
                  "Seconds from a request's first byte to its last, not moved by a trickle of bytes; over it: 408 "
                  "(0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--first-input-timeout", first_input_timeout_s,
+                 "Seconds a new connection may stay silent before it is closed, when that should differ from "
+                 "--idle-timeout between requests (nginx's client_header_timeout beside keepalive_timeout; 0: "
+                 "--idle-timeout)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cli.add_option("--drain-delay", drain_delay_s,
@@ -72,6 +79,7 @@ int main(int argc, char** argv) {
   }
   http.request_timeout = app::seconds(request_timeout_s);
   options.drain_delay = app::seconds(drain_delay_s);
+  options.first_input_timeout = app::seconds(first_input_timeout_s);
   rr::configure_server(options, http);
   app::setup_logging(log_level);
 

@@ -99,15 +99,15 @@ namespace rr = closewise::reqresp;
 // Budgets: allocations per cycle on the server's side, the counts reached
 // today (see docs/performance.md, "Instructions and allocations per
 // cycle"). A count above one of them is a regression. Counted with Asio's
-// aligned allocations, a server-close connection takes 23.0 to 24.0 (the
+// aligned allocations, a server-close connection takes 14.0 (Release) to 15.0 (the
 // order in which a connection's last events arrive changes which of Asio's
 // cached blocks are free; the budget is one above the highest seen); under
 // the sanitizers only operator new is counted. `one_offs` allows for
 // allocations that happen once in a window, not per cycle (a container of
 // the server's growing).
 #ifdef CLOSEWISE_COUNT_ALIGNED_ALLOC
-constexpr std::uint64_t keepalive_budget = 5;
-constexpr std::uint64_t server_close_budget = 25;
+constexpr std::uint64_t keepalive_budget = 1;
+constexpr std::uint64_t server_close_budget = 16;
 #else
 constexpr std::uint64_t keepalive_budget = 2;
 constexpr std::uint64_t server_close_budget = 10;

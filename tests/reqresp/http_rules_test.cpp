@@ -22,12 +22,12 @@ struct parsed {
   bool header_done = false;
   bool start_line_done = false;
   std::string unparsed;
-  std::optional<http::request_header<>> header;
+  std::optional<request_header> header;
 };
 
 // Feeds `text` to a fresh Beast request parser, header only, with the default limits.
 parsed parse_header(std::string_view text) {
-  http::request_parser<http::string_body> p;
+  http::request_parser<http::string_body, field_allocator> p;
   p.eager(false);
   parsed out;
   std::size_t used = 0;

@@ -136,6 +136,14 @@ struct server_options {
   /// (`connection::input_since` tells it when the input began). 0: the idle
   /// timeout, counted from the first byte.
   std::chrono::milliseconds ready_timeout{10000};
+  /// With start_on_input: how long a new connection may stay silent before
+  /// the server closes it, when that should differ from the idle timeout
+  /// between exchanges (`stream.idle_timeout`): nginx's
+  /// client_header_timeout beside its keepalive_timeout. A short keep-alive
+  /// idle timeout then does not also close a new connection whose client is
+  /// slow to send its first request (a busy client, a handshake in the
+  /// queue). 0: the idle timeout.
+  std::chrono::milliseconds first_input_timeout{0};
 
   /// TLS on every listener: a server context (make_server_context). Each
   /// connection's session starts after its handshake, bounded by

@@ -81,6 +81,12 @@ void wait_for_input(const std::shared_ptr<server_state>& srv, worker& w, parked_
                       [srv, w = &w, it](const error_code&) { static_cast<void>(on_readable(srv, *w, it)); });
 }
 
+// How long a new connection may stay silent (server_options::first_input_timeout).
+std::chrono::milliseconds silent_limit(const server_state& srv) noexcept {
+  const auto first = srv.opts.first_input_timeout;
+  return first.count() > 0 ? first : srv.opts.stream.idle_timeout;
+}
+
 // The earliest deadline still waiting in a list (each list is in deadline order).
 clock::time_point first_deadline(const parked_list& list) {
   for (const parked_connection& p : list) {
@@ -89,14 +95,32 @@ clock::time_point first_deadline(const parked_list& list) {
   return clock::time_point::max();
 }
 
-// Cancels the waits of a list whose deadline passed, marking why.
-void expire(parked_list& list, clock::time_point now, session_start why) {
-  for (parked_connection& p : list) {
-    if (p.start != session_start::serve) continue;  // leaving already
+// Cancels the waits of a list whose deadline passed, marking why. With
+// `renew` (the idle list): a connection whose first bytes are already in its
+// receive queue is not idle, whatever the clock says (a busy thread runs the
+// timer late, and the wait's completion is queued behind it): it gets a new
+// deadline, `renew` from now, at the end of the list (which stays in
+// deadline order), and its wait's completion serves it. Closing it would
+// discard a request that arrived in time. The ready list has no renewal: its
+// deadline bounds the whole header, however its bytes trickle in.
+void expire(parked_list& list, clock::time_point now, session_start why,
+            std::chrono::milliseconds renew = std::chrono::milliseconds(0)) {
+  for (auto it = list.begin(); it != list.end();) {
+    parked_connection& p = *it;
+    if (p.start != session_start::serve) {  // leaving already
+      ++it;
+      continue;
+    }
     if (p.deadline > now) break;
+    error_code ec;
+    if (renew.count() > 0 && p.sock.available(ec) > 0 && !ec) {
+      p.deadline = now + renew;
+      list.splice(list.end(), list, it++);
+      continue;
+    }
     p.start = why;
-    error_code ignored;
-    p.sock.cancel(ignored);
+    p.sock.cancel(ec);
+    ++it;
   }
 }
 
@@ -112,7 +136,7 @@ void arm_park_timer(const std::shared_ptr<server_state>& srv, worker& w) {
     if (ec || w->park_timer_at != at) return;  // cancelled, or re-armed for an earlier deadline
     w->park_timer_at = clock::time_point::max();
     const auto now = clock::now();
-    expire(w->parked, now, session_start::idle_timeout);
+    expire(w->parked, now, session_start::idle_timeout, silent_limit(*srv));
     expire(w->partial, now, session_start::ready_timeout);
     arm_park_timer(srv, *w);
   });
@@ -130,7 +154,7 @@ input_read read_input(const server_state& srv, worker& w, int fd, std::size_t ha
 }
 
 void park(const std::shared_ptr<server_state>& srv, worker& w, socket s, peer_address peer, const input_read* first) {
-  const auto idle = srv->opts.stream.idle_timeout;
+  const auto idle = silent_limit(*srv);
   const auto now = clock::now();
   const auto deadline = idle.count() > 0 ? now + idle : clock::time_point::max();
   w.parked.emplace_back(std::move(s), peer, now, deadline);

@@ -5,6 +5,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -107,6 +108,11 @@ struct stream_impl {
   std::function<void(const close_report&)> on_close;
 
   int fd() noexcept { return next.is_open() ? static_cast<int>(next.native_handle()) : -1; }
+  // Unread bytes in the socket's receive queue (a FIN or an error is not input).
+  bool input_waiting() noexcept {
+    int n = 0;
+    return fd() >= 0 && ::ioctl(fd(), FIONREAD, &n) == 0 && n > 0;
+  }
 
   // stream_options::no_delay: the option goes on before the second write.
   void before_write() noexcept {
@@ -295,7 +301,17 @@ struct stream_impl {
       w.armed = false;
       const bool in_flight = reading ? impl.app_read_in_flight : impl.app_write_in_flight;
       if (!in_flight || w.deadline == clock::time_point::max() || impl.core.finished()) return;
-      if (clock::now() < w.deadline) return impl.arm_watch(std::move(self), reading);
+      const auto now = clock::now();
+      if (now < w.deadline) return impl.arm_watch(std::move(self), reading);
+      if (reading && impl.input_waiting()) {
+        // Bytes arrived before we acted on the timeout (a busy thread runs
+        // the timer late): the peer was not idle, and the read's completion,
+        // queued or about to be, carries them. Timing out now would close
+        // on a request that is already here.
+        const auto limit = w.kind == timeout_kind::idle ? impl.opts.idle_timeout : impl.opts.read_timeout;
+        w.deadline = now + limit;
+        return impl.arm_watch(std::move(self), reading);
+      }
       w.fired = true;
       impl.timed_out = w.kind;
       impl.log(spdlog::level::info, "{} timeout", to_string(w.kind));
