@@ -9,32 +9,54 @@
 // completed first (the FIN arrived as the connection was taken) says the
 // connection is gone, and a non-blocking read then checks the socket once
 // more (would_block: healthy).
+//
+// A TLS connection ("tls:" targets) waits idle with a one-byte read through
+// TLS instead (basic_tls_stream::async_read_some, which itself waits for
+// readability holding no buffer): OpenSSL consumes the records that carry no
+// application data (TLS 1.3 NewSessionTicket) and goes on waiting, and the
+// read completes only for the server's close_notify (eof), a FIN without it
+// (stream_truncated), a RST, application data, the idle limit or a
+// cancellation. Its check at reuse cannot read from the socket (that would
+// take records from under TLS): it asks OpenSSL for held input and polls.
 
 #include "closewise/client_pool.hpp"
+
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <deque>
 #include <map>
+#include <string_view>
 
 #include <fmt/format.h>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/system/system_error.hpp>
 
 namespace closewise {
 
 namespace {
 constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
 using clock = std::chrono::steady_clock;
+constexpr std::string_view tls_prefix = "tls:";
 }  // namespace
 
 namespace internal {
 
 struct pooled {
   explicit pooled(const asio::any_io_executor& ex) : handoff(ex) { handoff.expires_at(clock::time_point::max()); }
-  std::optional<stream> s;
+  // A TLS connection's context, declared first so that it outlives the stream.
+  std::shared_ptr<asio::ssl::context> ctx;
+  std::optional<stream> s;      // a plain connection
+  std::optional<tls_stream> t;  // a TLS connection
+  char idle_byte = 0;           // the TLS idle read's buffer
   std::string target;
   std::uint64_t uses = 0;
   bool reused = false;
@@ -45,6 +67,16 @@ struct pooled {
   asio::cancellation_signal watch_cancel;
   asio::steady_timer handoff;  // cancelled when the wait completes while `taking`
   std::optional<close_report> report;
+
+  bool live() const noexcept { return s || t; }
+  // The TCP (or Unix) stream: the connection's own, or the one under TLS.
+  stream& tcp() noexcept { return t ? t->tcp() : *s; }
+  // Ends the connection with `policy` (through TLS: close_notify as the policy says).
+  template <class Token>
+  auto async_close(close_policy policy, Token&& token) {
+    if (t) return t->async_close(policy, std::forward<Token>(token));
+    return s->async_close(policy, std::forward<Token>(token));
+  }
 };
 
 struct waiter {
@@ -78,6 +110,20 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
   pool_close_observer observer;
   counters n;
   bool closed = false;
+  std::shared_ptr<asio::ssl::context> default_tls;  // made on first use when opts.tls.context is null
+
+  // The context of the TLS connections.
+  std::shared_ptr<asio::ssl::context> tls_context() {
+    if (opts.tls.context) return opts.tls.context;
+    if (!default_tls) {
+      auto ctx = std::make_shared<asio::ssl::context>(make_client_context());
+      error_code ec;
+      ctx->set_default_verify_paths(ec);  // without a trust store, every verification fails: safe
+      ctx->set_verify_mode(asio::ssl::verify_peer);
+      default_tls = std::move(ctx);
+    }
+    return default_tls;
+  }
 
   std::chrono::milliseconds idle_limit(const target_state& t) const {
     auto limit = opts.idle_timeout;
@@ -106,24 +152,48 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
       --t.total;
       grant_slot(t);
     }
-    if (!c->s) return;
+    if (!c->live()) return;
     // The handler holds the connection until its close completed.
-    c->s->async_close(policy, [c](const close_report&) {});
+    c->async_close(policy, [c](const close_report&) {});
   }
 
   void start_watch(const std::shared_ptr<pooled>& c) {
     c->watching = true;
     c->taking = false;
+    if (c->t) {
+      c->t->async_read_some(
+          asio::buffer(&c->idle_byte, 1),
+          asio::bind_cancellation_slot(c->watch_cancel.slot(),
+                                       [self = shared_from_this(), c](const error_code& ec, std::size_t bytes) {
+                                         self->on_watch(c, ec, bytes);
+                                       }));
+      return;
+    }
     c->s->async_wait_readable(asio::bind_cancellation_slot(
-        c->watch_cancel.slot(), [self = shared_from_this(), c](const error_code& ec) { self->on_watch(c, ec); }));
+        c->watch_cancel.slot(), [self = shared_from_this(), c](const error_code& ec) { self->on_watch(c, ec, 0); }));
+  }
+
+  // What a TLS connection's idle read completed with, counted.
+  void count_tls_idle_end(const error_code& ec, std::size_t bytes) {
+    if (bytes > 0) {
+      bump(n.bytes_seen_idle);
+    } else if (ec == asio::error::timed_out) {
+      bump(n.idle_expired);
+    } else if (ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
+      bump(n.fins_seen_idle);  // close_notify (its FIN follows), or a FIN without it
+    } else if (ec == asio::error::connection_reset) {
+      bump(n.resets_seen_idle);
+    }
   }
 
   // The idle wait completed: the peer's FIN, a RST, bytes, the idle limit, or
   // a cancellation (an acquire is taking the connection, or the pool ends).
-  void on_watch(const std::shared_ptr<pooled>& c, const error_code& ec) {
+  void on_watch(const std::shared_ptr<pooled>& c, const error_code& ec, std::size_t bytes) {
     c->watching = false;
     if (c->taking) {
-      c->watch_ec = ec;
+      // Application data read by a TLS wait that completed as it was
+      // cancelled: not a healthy connection.
+      c->watch_ec = bytes > 0 ? error_code(asio::error::message_size) : ec;
       c->handoff.cancel();
       return;
     }
@@ -132,7 +202,9 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
     if (it == t.idle.end()) return;  // not idle any more (cannot happen: taking covers it)
     t.idle.erase(it);
     c->idle = false;
-    if (ec == asio::error::timed_out) {
+    if (c->t) {
+      count_tls_idle_end(ec, bytes);
+    } else if (ec == asio::error::timed_out) {
       bump(n.idle_expired);
     } else if (!ec) {
       char byte = 0;
@@ -156,7 +228,14 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
   // was cancelled (not completed by input), and the socket has nothing to read.
   bool healthy_at_reuse(pooled& c) {
     if (c.watch_ec != asio::error::operation_aborted) return false;
-    if (c.s->state().closing() || c.s->state().finished()) return false;
+    if (c.tcp().state().closing() || c.tcp().state().finished()) return false;
+    if (c.t) {
+      // Nothing held in OpenSSL (a partial record, decrypted bytes), and
+      // nothing (bytes, FIN, error) waiting on the socket.
+      if (::SSL_has_pending(c.t->native_handle()) == 1) return false;
+      pollfd p{c.tcp().lowest_layer().native_handle(), POLLIN | POLLRDHUP, 0};
+      return ::poll(&p, 1, 0) == 0;
+    }
     char byte = 0;
     error_code ec;
     c.s->read_some_now(asio::buffer(&byte, 1), ec);
@@ -191,13 +270,82 @@ std::chrono::milliseconds until(clock::time_point deadline) {
   return std::max(left, std::chrono::milliseconds(0));
 }
 
-// Opens a connection in a slot already counted in `total`.
+// The name a TLS target's server goes by: pool_tls_options::server_names,
+// else the target's host ("localhost" for a Unix socket).
+std::string tls_server_name(const pool_options& o, const std::string& target) {
+  if (const auto it = o.tls.server_names.find(target); it != o.tls.server_names.end()) return it->second;
+  std::string_view rest(target);
+  rest.remove_prefix(tls_prefix.size());
+  if (rest.starts_with("unix:")) return "localhost";
+  std::string host(rest.substr(0, rest.rfind(':')));
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  return host;
+}
+
+// SNI (for a host name) and the name the certificate must carry.
+void set_server_name(SSL* ssl, const std::string& name) {
+  error_code ec;
+  static_cast<void>(asio::ip::make_address(name, ec));
+  if (!ec) {
+    ::X509_VERIFY_PARAM_set1_ip_asc(::SSL_get0_param(ssl), name.c_str());
+    return;
+  }
+  ::SSL_set_tlsext_host_name(ssl, name.c_str());
+  ::SSL_set1_host(ssl, name.c_str());
+}
+
+// Opens a connection in a slot already counted in `total`; for a TLS target,
+// shakes hands within what is left of the connect timeout.
 asio::awaitable<std::pair<error_code, pool_lease>> open_connection(std::shared_ptr<pool_state> st, std::string target,
                                                                    clock::time_point deadline,
                                                                    std::chrono::milliseconds connect_timeout) {
   const auto limit = connect_timeout.count() > 0 ? connect_timeout : st->opts.connect_timeout;
   const auto timeout = std::min(limit, until(deadline));
-  auto [ec, s] = co_await connect(st->ex, target, timeout, leased_options(st->opts.stream));
+  const auto connect_deadline = clock::now() + timeout;
+  const bool tls = target.starts_with(tls_prefix);
+  // A named argument: g++ 12 destroys a conditional temporary given to a
+  // coroutine twice.
+  std::string endpoint = tls ? target.substr(tls_prefix.size()) : target;
+  auto [ec, s] = co_await connect(st->ex, std::move(endpoint), timeout, leased_options(st->opts.stream));
+  auto c = std::make_shared<pooled>(st->ex);
+  c->target = target;
+  if (!ec && !st->closed) {
+    // The observer runs inside the completion that finished the connection;
+    // weak: a connection outliving its pool reports to nobody.
+    std::weak_ptr<pool_state> weak = st;
+    std::weak_ptr<pooled> weak_c = c;
+    auto observer = [weak, weak_c, target](const close_report& r) {
+      if (auto conn = weak_c.lock()) conn->report = r;
+      if (auto p = weak.lock()) p->record(target, r);
+    };
+    if (!tls) {
+      c->s.emplace(std::move(*s));
+      c->s->on_close(std::move(observer));
+    } else {
+      tls_options to = st->opts.tls.stream;
+      to.handshake_timeout = std::max(std::chrono::milliseconds(1), until(connect_deadline));
+      try {
+        c->ctx = st->tls_context();
+        c->t.emplace(std::move(*s), *c->ctx, to);
+      } catch (const boost::system::system_error& e) {
+        ec = e.code();
+      }
+      if (!ec) {
+        // A failed handshake ends the connection too, with a report.
+        c->t->on_close(std::move(observer));
+        set_server_name(c->t->native_handle(), tls_server_name(st->opts, target));
+        auto [hec] = co_await c->t->async_handshake(asio::ssl::stream_base::client, use_tuple);
+        ec = hec;
+        // A server silent past the deadline gets a RST, not a drain that waits for it.
+        if (ec || st->closed) {
+          const auto policy = ec == asio::error::timed_out ? close_policy::abortive
+                              : ec                         ? close_policy::graceful
+                                                           : st->opts.policy;
+          c->async_close(policy, [c](const close_report&) {});
+        }
+      }
+    }
+  }
   auto& t = st->targets[target];
   if (ec || st->closed) {
     internal::bump(st->n.connect_failures);
@@ -207,17 +355,6 @@ asio::awaitable<std::pair<error_code, pool_lease>> open_connection(std::shared_p
     co_return std::pair{ec, pool_lease{}};
   }
   internal::bump(st->n.connects);
-  auto c = std::make_shared<pooled>(st->ex);
-  c->target = target;
-  c->s.emplace(std::move(*s));
-  // The observer runs inside the completion that finished the connection;
-  // weak: a connection outliving its pool reports to nobody.
-  std::weak_ptr<pool_state> weak = st;
-  std::weak_ptr<pooled> weak_c = c;
-  c->s->on_close([weak, weak_c, target](const close_report& r) {
-    if (auto conn = weak_c.lock()) conn->report = r;
-    if (auto p = weak.lock()) p->record(target, r);
-  });
   co_return std::pair{error_code{}, st->lease(std::move(c))};
 }
 
@@ -290,7 +427,7 @@ asio::awaitable<std::pair<error_code, pool_lease>> acquire_on(std::shared_ptr<po
     }
     internal::bump(st->n.reuses);
     c->reused = true;
-    c->s->set_options(leased_options(st->opts.stream));
+    c->tcp().set_options(leased_options(st->opts.stream));
     co_return std::pair{error_code{}, st->lease(std::move(c))};
   }
 }
@@ -299,7 +436,7 @@ asio::awaitable<close_report> close_on(std::shared_ptr<pool_state> st, std::shar
   auto& t = st->targets[c->target];
   --t.total;
   st->grant_slot(t);
-  co_return co_await c->s->async_close(policy, asio::use_awaitable);
+  co_return co_await c->async_close(policy, asio::use_awaitable);
 }
 
 }  // namespace
@@ -319,7 +456,8 @@ pool_lease::~pool_lease() {
   if (conn_ && pool_) pool_->retire(conn_, close_policy::abortive);
 }
 
-stream& pool_lease::io() noexcept { return *conn_->s; }
+stream& pool_lease::io() noexcept { return conn_->tcp(); }
+tls_stream* pool_lease::tls() noexcept { return conn_->t ? &*conn_->t : nullptr; }
 bool pool_lease::reused() const noexcept { return conn_->reused; }
 std::uint64_t pool_lease::uses() const noexcept { return conn_->uses; }
 const std::string& pool_lease::target() const noexcept { return conn_->target; }
@@ -355,8 +493,9 @@ void client_pool::release(pool_lease lease, std::optional<std::chrono::milliseco
   if (!c) return;
   auto& t = st_->targets[c->target];
   if (keep_alive_hint) t.hint = *keep_alive_hint;
-  stream& s = *c->s;
-  const bool clean = !st_->closed && !s.state().closing() && !s.state().finished() && s.read_ahead_left() == 0;
+  stream& s = c->tcp();
+  const bool clean = !st_->closed && !s.state().closing() && !s.state().finished() && s.read_ahead_left() == 0 &&
+                     (!c->t || ::SSL_has_pending(c->t->native_handle()) == 0);
   if (!clean) return st_->retire(c, st_->opts.policy);
   ++c->uses;
   // The exchange is over: the next read waits for a new one (idle clock).

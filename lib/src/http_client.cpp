@@ -1,5 +1,6 @@
 // closewise::http_client: one attempt per connection, a second one on a
-// fresh connection only for what may be repeated.
+// fresh connection only for what may be repeated. The same exchange runs
+// over a plain stream or, for a "tls:" target, the lease's TLS stream.
 
 #include "closewise/http_client.hpp"
 
@@ -7,8 +8,10 @@
 #include <limits>
 #include <memory>
 #include <string_view>
+#include <type_traits>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
@@ -29,13 +32,15 @@ using clock = std::chrono::steady_clock;
 
 // The whole-request deadline's state, shared with its timer's handler, which
 // may run after the attempt ended (then `target` is null).
+template <class Stream>
 struct deadline_state {
-  stream* target = nullptr;
+  Stream* target = nullptr;
   bool fired = false;
 };
 
 struct attempt_outcome {
   error_code ec;
+  bool timed_out = false;
   bool fully_written = false;
   bool response_started = false;
   bool keep_alive = false;
@@ -58,9 +63,12 @@ std::optional<std::chrono::milliseconds> keep_alive_hint(const http_response& re
 
 // Errors that say the connection was gone: on a reused connection before
 // any response byte, the signature of a request that crossed the server's FIN.
+// Over TLS: the server's close_notify (end_of_stream, as Beast maps eof) or
+// a FIN without it (stream_truncated).
 bool connection_gone(const error_code& ec) {
   return ec == http::error::end_of_stream || ec == asio::error::eof || ec == asio::error::connection_reset ||
-         ec == asio::error::broken_pipe || ec == asio::error::connection_aborted;
+         ec == asio::error::broken_pipe || ec == asio::error::connection_aborted ||
+         ec == asio::ssl::error::stream_truncated;
 }
 
 failure_class classify_failure(const error_code& ec, bool timed_out) {
@@ -73,14 +81,15 @@ failure_class classify_failure(const error_code& ec, bool timed_out) {
   return failure_class::connection;
 }
 
-// One request/response on `lease`'s connection. The deadline resets the
-// connection (abortive close), which ends the write or read in progress.
-// References: awaited at once by `request_on`, whose frame owns them.
-asio::awaitable<attempt_outcome> exchange(pool_lease& lease, http_request& req, http_response& res,
-                                          clock::time_point deadline, std::shared_ptr<deadline_state>& dl) {
+// One request/response on `s` (a lease's stream, plain or TLS). The
+// deadline resets the connection (abortive close), which ends the write or
+// read in progress. References: awaited at once by `request_on`, whose
+// frame owns them.
+template <class Stream>
+asio::awaitable<attempt_outcome> exchange(Stream& s, http_request& req, http_response& res,
+                                          clock::time_point deadline) {
   attempt_outcome out;
-  stream& s = lease.io();
-  dl = std::make_shared<deadline_state>();
+  auto dl = std::make_shared<deadline_state<Stream>>();
   dl->target = &s;
   asio::steady_timer timer(s.get_executor());
   timer.expires_at(deadline);
@@ -104,6 +113,8 @@ asio::awaitable<attempt_outcome> exchange(pool_lease& lease, http_request& req, 
     out.response_started = p.got_some() || buffer.size() > 0;
     out.ec = rec;
     if (!rec) {
+      // A FIN without close_notify now ends a complete message: not a truncation.
+      if constexpr (std::is_same_v<Stream, tls_stream>) s.mark_message_complete();
       res = p.release();
       // Bytes after the response nobody asked for: the connection is not reusable.
       out.keep_alive = res.keep_alive() && buffer.size() == 0;
@@ -112,16 +123,36 @@ asio::awaitable<attempt_outcome> exchange(pool_lease& lease, http_request& req, 
   }
   timer.cancel();
   dl->target = nullptr;
+  out.timed_out = dl->fired;
   if (dl->fired) out.ec = asio::error::timed_out;
   co_return out;
+}
+
+// The Host of a request to `target`: the target itself; "localhost" for a
+// Unix socket (no host name to give, as curl sends); for a TLS target, its
+// server name (pool_tls_options::server_names) with the port unless 443, or
+// else its HOST:PORT.
+std::string host_field(const pool_options& o, const std::string& target) {
+  constexpr std::string_view tls_prefix = "tls:";
+  std::string_view rest(target);
+  if (rest.starts_with(tls_prefix)) rest.remove_prefix(tls_prefix.size());
+  if (rest.starts_with("unix:")) {
+    const auto it = o.tls.server_names.find(target);
+    return it == o.tls.server_names.end() ? std::string("localhost") : it->second;
+  }
+  if (const auto it = o.tls.server_names.find(target); it != o.tls.server_names.end()) {
+    const std::string_view port = rest.substr(rest.rfind(':') + 1);
+    std::string host = it->second;
+    if (port != "443") host.append(":").append(port);
+    return host;
+  }
+  return std::string(rest);
 }
 
 asio::awaitable<http_result> request_on(client_pool* pool, std::string target, http_request req, request_timeouts t) {
   const auto deadline = clock::now() + t.whole;
   http_result result;
-  // A Unix socket has no host name to give: "localhost", as curl sends.
-  if (req.find(http::field::host) == req.end())
-    req.set(http::field::host, target.starts_with("unix:") ? "localhost" : target);
+  if (req.find(http::field::host) == req.end()) req.set(http::field::host, host_field(pool->options(), target));
   req.keep_alive(true);
   req.prepare_payload();
   const bool repeatable = may_retry(req);
@@ -134,11 +165,16 @@ asio::awaitable<http_result> request_on(client_pool* pool, std::string target, h
       co_return result;
     }
     result.reused = lease.reused();
-    std::shared_ptr<deadline_state> dl;
-    attempt_outcome a = co_await exchange(lease, req, result.response, deadline, dl);
+    tls_stream* tls = lease.tls();
+    attempt_outcome a;
+    if (tls) {
+      a = co_await exchange(*tls, req, result.response, deadline);
+    } else {
+      a = co_await exchange(lease.io(), req, result.response, deadline);
+    }
     result.request_fully_written = a.fully_written;
     result.response_started = a.response_started;
-    const bool timed_out = dl && dl->fired;
+    const bool timed_out = a.timed_out;
     if (!a.ec) {
       if (a.keep_alive) {
         pool->release(std::move(lease), a.hint);
@@ -148,7 +184,8 @@ asio::awaitable<http_result> request_on(client_pool* pool, std::string target, h
       co_return result;
     }
     // The peer ended it (a FIN: finish it with ours) or the exchange broke (reset).
-    const bool peer_fin = a.ec == http::error::end_of_stream || a.ec == asio::error::eof;
+    const bool peer_fin =
+        a.ec == http::error::end_of_stream || a.ec == asio::error::eof || a.ec == asio::ssl::error::stream_truncated;
     close_report report =
         co_await pool->close(std::move(lease), peer_fin ? close_policy::graceful : close_policy::abortive);
     const bool stale = result.reused && !a.response_started && !timed_out && connection_gone(a.ec);

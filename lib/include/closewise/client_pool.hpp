@@ -16,6 +16,24 @@
 // wire, is the protocol layer's to handle (http_client.hpp: retry only what
 // may be retried).
 //
+// TLS: a target spelled "tls:HOST:PORT" (or "tls:unix:PATH") is reached
+// over TLS, with `pool_options::tls` (the client context, the name for SNI
+// and certificate checks); its handshake counts within the connect timeout,
+// and a failed handshake is a failed connect. The lease gives the TLS stream
+// (`pool_lease::tls()`), and http_client speaks through it, so callers use
+// either kind of target the same way. What differs while idle: the wait is a
+// one-byte read through TLS, not a readiness wait on the socket, so that
+// records that carry no application data (TLS 1.3 NewSessionTicket, sent by
+// a server after its handshake, possibly while the connection idles) are
+// consumed by OpenSSL and leave the connection in the pool. The server's
+// close_notify, with or without its FIN after it, and a bare FIN count as
+// `fins_seen_idle`; application data counts as `bytes_seen_idle`. The check
+// at reuse also asks OpenSSL for held input (SSL_has_pending) and polls the
+// socket: any record or FIN waiting then drops the connection
+// (`dropped_at_reuse`), a ticket included (rare: tickets come right after the
+// handshake). The pool ends an idle TLS connection with its close policy:
+// graceful sends close_notify, then our FIN (closewise/tls.hpp).
+//
 // Thread-safety: a pool and its leases are used from one executor (a
 // single-threaded io_context, or a strand): the one given to the
 // constructor, on which every connection runs. `stats()` may be read from
@@ -31,6 +49,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -46,6 +65,26 @@
 
 namespace closewise {
 
+/// TLS for the pool's "tls:" targets.
+struct pool_tls_options {
+  /// The client context of every TLS connection (make_client_context),
+  /// shared: connections still closing after the pool is gone keep it. Null:
+  /// the pool makes one on first use, which verifies the server's
+  /// certificate against the system's default trust store
+  /// (SSL_CTX_set_default_verify_paths) and offers ALPN http/1.1.
+  std::shared_ptr<asio::ssl::context> context;
+  /// Per target ("tls:HOST:PORT", as given to acquire): the server's name,
+  /// sent as SNI and matched against its certificate when the context
+  /// verifies peers (SSL_set1_host), and the Host http_client sends. A
+  /// target not here uses its HOST: an IP address is matched against the
+  /// certificate's IP entries and sends no SNI (RFC 6066 allows only host
+  /// names there); "tls:unix:PATH" uses "localhost".
+  std::map<std::string, std::string, std::less<>> server_names;
+  /// The TLS layer's limits; its handshake_timeout is replaced by what is
+  /// left of the connect timeout once TCP connected.
+  tls_options stream;
+};
+
 /// Limits and timeouts of a client_pool.
 struct pool_options {
   /// Connections open or opening per target, idle ones included.
@@ -55,7 +94,8 @@ struct pool_options {
   std::size_t max_waiters = 4096;
   /// Longest wait in the FIFO of waiters (a request's own deadline may be shorter).
   std::chrono::milliseconds wait_timeout{10000};
-  /// Longest TCP (or Unix) connect (a request's own deadline may be shorter).
+  /// Longest TCP (or Unix) connect, the TLS handshake included for a TLS
+  /// target (a request's own deadline may be shorter).
   std::chrono::milliseconds connect_timeout{5000};
   /// An idle connection is closed by the pool after this long. Keep it below
   /// the server's idle timeout: the side that sends the next request should
@@ -70,6 +110,8 @@ struct pool_options {
   /// pool's to set: the idle limit while idle, none while leased (the
   /// protocol layer bounds its exchange).
   stream_options stream;
+  /// For "tls:" targets.
+  pool_tls_options tls;
 };
 
 /// What one pool counted, since it was made. Failures are those that reached
@@ -122,13 +164,17 @@ class CLOSEWISE_API pool_lease {
   ~pool_lease();
 
   explicit operator bool() const noexcept { return conn_ != nullptr; }
-  /// The connection's stream.
+  /// The connection's stream. For a TLS target, the TCP stream under TLS
+  /// (its state, options and probes; reading or writing it bypasses TLS):
+  /// use `tls()`.
   stream& io() noexcept;
+  /// The TLS stream of a TLS target (its handshake done), else null.
+  tls_stream* tls() noexcept;
   /// True when the connection had served an exchange before (taken idle).
   bool reused() const noexcept;
   /// Exchanges this connection finished before this lease.
   std::uint64_t uses() const noexcept;
-  /// "HOST:PORT" or "unix:PATH".
+  /// "HOST:PORT", "unix:PATH" or "tls:HOST:PORT", as given to acquire.
   const std::string& target() const noexcept;
   /// The connection's close report, once it ended.
   const std::optional<close_report>& report() const noexcept;
@@ -142,8 +188,9 @@ class CLOSEWISE_API pool_lease {
   std::shared_ptr<internal::pooled> conn_;
 };
 
-/// Kept-alive connections per target ("HOST:PORT" with a numeric host, or
-/// "unix:PATH"), limited per target, with a FIFO of waiters.
+/// Kept-alive connections per target ("HOST:PORT" with a numeric host,
+/// "unix:PATH", or either behind "tls:"), limited per target, with a FIFO
+/// of waiters.
 class CLOSEWISE_API client_pool {
  public:
   /// A pool whose connections run on `ex` (see the thread-safety note above).
@@ -158,8 +205,9 @@ class CLOSEWISE_API client_pool {
   /// `wait_timeout`). `fresh`: never an idle one (for a retry); at the limit
   /// an idle connection is closed to make room. Errors: the connect's
   /// (timed_out on its timeout), errc::pool_wait_timeout,
-  /// errc::pool_overloaded, errc::pool_closed. `connect_timeout`: this
-  /// acquire's (0: the pool's).
+  /// errc::pool_overloaded, errc::pool_closed; for a TLS target, the
+  /// handshake's (closewise/tls.hpp: tls().handshake classes it in the close
+  /// report). `connect_timeout`: this acquire's (0: the pool's).
   asio::awaitable<std::pair<error_code, pool_lease>> acquire(
       std::string target, std::chrono::steady_clock::time_point deadline, bool fresh = false,
       std::chrono::milliseconds connect_timeout = std::chrono::milliseconds(0));

@@ -14,6 +14,11 @@
 // whether it was fully written. A failure on a fresh connection, or after
 // a response byte arrived, is never retried.
 //
+// Over TLS ("tls:" targets) the rules are the same; the server's
+// close_notify or a FIN without it (asio::ssl::error::stream_truncated)
+// before any response byte is the stale-connection signature as a FIN is
+// over TCP.
+//
 // Beast's HTTP types appear in this header, which is why closewise.hpp does
 // not include it: Beast is part of the Boost the library already requires,
 // but its HTTP headers are heavy for users of the stream and server alone.
@@ -85,10 +90,12 @@ class CLOSEWISE_API http_client {
  public:
   explicit http_client(client_pool& pool) noexcept : pool_(&pool) {}
 
-  /// Sends `req` to `target` ("HOST:PORT" or "unix:PATH") and reads the
-  /// response. Sets Host (to `target`) if missing, the body's length, and
-  /// keep-alive; errors are values (see http_result). For "unix:PATH" the
-  /// Host is "localhost".
+  /// Sends `req` to `target` ("HOST:PORT", "unix:PATH", or either behind
+  /// "tls:" for HTTPS, client_pool.hpp) and reads the response. Sets Host
+  /// (to `target`) if missing, the body's length, and keep-alive; errors are
+  /// values (see http_result). For "unix:PATH" the Host is "localhost"; for
+  /// a TLS target, the server name of pool_tls_options::server_names (with
+  /// the port unless 443) or else HOST:PORT.
   asio::awaitable<http_result> request(std::string target, http_request req, request_timeouts t = {});
 
   client_pool& pool() noexcept { return *pool_; }
