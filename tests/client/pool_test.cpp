@@ -116,11 +116,19 @@ http_result run_request(asio::io_context& ioc, http_client& client, const std::s
 
 // ---- the sweep (apps/poolsweep, as closewise-pool-sweep runs it) ----------
 
+// The idle timeout between requests is 200 ms; a new connection may stay
+// silent for 10 s (first_input_timeout, as nginx's client_header_timeout
+// beside its keepalive_timeout), so that a client thread that a busy
+// machine delays between its connect and its first request does not meet
+// the idle close: the sweep is about the race at reuse. The connection
+// waits for its first bytes parked (start_on_input), where that limit applies.
 server_options idle_200ms_server() {
   server_options o;
   o.listen = {"127.0.0.1:0"};
   o.threads = 1;
   o.stream.idle_timeout = 200ms;
+  o.start_on_input = true;
+  o.first_input_timeout = 10s;
   return o;
 }
 
