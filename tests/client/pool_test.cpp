@@ -24,16 +24,12 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/http/read.hpp>
-#include <boost/beast/http/write.hpp>
 
 #include "../support/child_process.hpp"
 #include "../support/descriptors.hpp"
@@ -41,6 +37,7 @@
 #include "../support/loopback.hpp"
 #include "closewise/client_pool.hpp"
 #include "closewise/http_client.hpp"
+#include "pool_support.hpp"
 #include "poolsweep/delay_relay.hpp"
 #include "poolsweep/sweep.hpp"
 #include "reqresp/http_session.hpp"
@@ -53,28 +50,16 @@ namespace ps = closewise::poolsweep;
 
 namespace {
 
-constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
-using clock_type = std::chrono::steady_clock;
-
 // ---- workload size ---------------------------------------------------------
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool sanitized = true;
-#else
-constexpr bool sanitized = false;
-#endif
 
 // Reuses the sweep needs: 20,000; CLOSEWISE_POOL_REUSES sets it (100,000
 // for the longer tier); 4,000 under a sanitizer or when CLOSEWISE_TEST_REPS
 // says the build is slow (the sanitizer presets set it), so that the sweep
 // stays within the suite's budget there.
 std::uint64_t sweep_reuses() {
-  if (const char* env = std::getenv("CLOSEWISE_POOL_REUSES")) return std::max(1L, std::atol(env));
-  if (sanitized || std::getenv("CLOSEWISE_TEST_REPS")) return 4000;
-  return 20000;
+  if (const auto n = pool_reuses_from_env()) return *n;
+  return slow_build() ? 4000 : 20000;
 }
-
-std::size_t sockets_open() { return count_sockets(open_descriptors()); }
 
 // Runs `coro` on `ioc` to completion under a watchdog.
 template <class Awaitable>
@@ -86,32 +71,6 @@ bool run_to_completion(asio::io_context& ioc, Awaitable coro, std::chrono::milli
   });
   return run_until(
       ioc, [&] { return done; }, limit);
-}
-
-// Lets pending closes and cancelled waits finish once the pool is gone.
-void settle(asio::io_context& ioc) {
-  ioc.restart();
-  for (int i = 0; i < 100 && !ioc.stopped(); ++i) ioc.run_for(50ms);
-}
-
-http_request make_request(http::verb method, std::string target, std::string body = {}) {
-  http_request req{method, target, 11};
-  req.body() = std::move(body);
-  return req;
-}
-
-// One request on `ioc`, to completion under a watchdog.
-http_result run_request(asio::io_context& ioc, http_client& client, const std::string& target, http_request req,
-                        request_timeouts t = {}) {
-  http_result out;
-  bool done = false;
-  asio::co_spawn(ioc, client.request(target, std::move(req), t), [&](std::exception_ptr, http_result r) {
-    out = std::move(r);
-    done = true;
-  });
-  EXPECT_TRUE(run_until(
-      ioc, [&] { return done; }, 20s));
-  return out;
 }
 
 // ---- the sweep (apps/poolsweep, as closewise-pool-sweep runs it) ----------
@@ -236,81 +195,7 @@ TEST(client_pool, race_sweep_get_against_nginx) {
 
 // ---- POST: a server that counts each request's executions ------------------
 
-struct execution_counter {
-  std::mutex mu;
-  std::map<std::string, unsigned> by_id;
-  unsigned duplicates() {
-    std::lock_guard lock(mu);
-    unsigned n = 0;
-    for (const auto& [id, count] : by_id) n += count > 1 ? count - 1 : 0;
-    return n;
-  }
-  std::size_t executed() {
-    std::lock_guard lock(mu);
-    return by_id.size();
-  }
-};
-
-// The test's HTTP session: every request body is an id, executed (counted)
-// once it was read whole, then answered with keep-alive.
-asio::awaitable<void> counting_session(connection c, std::shared_ptr<execution_counter> counter) {
-  boost::beast::flat_buffer buffer;
-  for (;;) {
-    http::request<http::string_body> req;
-    auto [ec, n] = co_await http::async_read(c.io(), buffer, req, use_tuple);
-    if (ec) co_return;
-    {
-      std::lock_guard lock(counter->mu);
-      ++counter->by_id[req.body()];
-    }
-    http::response<http::string_body> res{http::status::ok, 11};
-    res.body() = "done";
-    res.keep_alive(req.keep_alive());
-    res.prepare_payload();
-    auto [wec, wn] = co_await http::async_write(c.io(), res, use_tuple);
-    if (wec) co_return;
-    c.mark_exchange_complete();
-    if (!res.keep_alive()) co_return;
-  }
-}
-
-// closewise::server with `handler`, running on a thread of its own from
-// construction to destruction.
-class threaded_server {
- public:
-  threaded_server(server_options so, session_handler handler)
-      : srv_(std::make_unique<server>(std::move(so), std::move(handler))) {
-    srv_->start();
-    endpoint_ = srv_->local_endpoints().front();
-    thread_ = std::thread([this] { srv_->run(); });
-  }
-  ~threaded_server() {
-    srv_->stop();
-    thread_.join();
-  }
-  threaded_server(const threaded_server&) = delete;
-  threaded_server& operator=(const threaded_server&) = delete;
-  const std::string& endpoint() const { return endpoint_; }
-
- private:
-  std::unique_ptr<server> srv_;
-  std::string endpoint_;
-  std::thread thread_;
-};
-
-// The server with the counting session.
-class counting_server {
- public:
-  counting_server()
-      : counter_(std::make_shared<execution_counter>()),
-        srv_(idle_200ms_server(), [c = counter_](connection& conn) { return counting_session(conn, c); }) {}
-  const std::string& endpoint() const { return srv_.endpoint(); }
-  execution_counter& counter() { return *counter_; }
-
- private:
-  std::shared_ptr<execution_counter> counter_;
-  threaded_server srv_;
-};
+// (execution_counter, counting_session and counting_server: pool_support.hpp)
 
 // The same sweep with POSTs, which may not be repeated: no request is
 // executed twice, and every failure that reaches a caller says
@@ -318,7 +203,7 @@ class counting_server {
 TEST(client_pool, race_sweep_post_never_twice) {
   const std::size_t sockets_before = sockets_open();
   {
-    counting_server srv;
+    counting_server srv(idle_200ms_server());
     const auto s =
         sweep_against(srv.endpoint(), http::verb::post, 200, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
     const pool_stats& st = s.stats;
@@ -372,7 +257,7 @@ TEST(client_pool, race_sweep_get_through_one_way_delay) {
 TEST(client_pool, race_sweep_post_through_one_way_delay_never_twice) {
   const std::size_t sockets_before = sockets_open();
   {
-    counting_server srv;
+    counting_server srv(idle_200ms_server());
     const std::uint64_t reuses = std::max<std::uint64_t>(500, delay_sweep_reuses() / 2);
     const auto s = sweep_against(srv.endpoint(), http::verb::post, 200, reuses, one_way_delay);
     const pool_stats& st = s.stats;
@@ -482,49 +367,17 @@ TEST(client_pool, sweep_leaves_descriptors_and_memory_flat) {
 class scripted_server {
  public:
   using script = std::function<void(raw_peer&, int index)>;
-  explicit scripted_server(script s) : script_(std::move(s)) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    const int one = 1;
-    ::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(fd_, 16) != 0) std::abort();
-    socklen_t len = sizeof(a);
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
-    acceptor_ = std::thread([this] { accept_loop(); });
-  }
-  ~scripted_server() {
-    stop_ = true;
-    acceptor_.join();
-    for (auto& t : peers_) t.join();
-    ::close(fd_);
-  }
-  std::string endpoint() const { return "127.0.0.1:" + std::to_string(port_); }
-  int accepted() const { return accepted_.load(); }
+  explicit scripted_server(script s) : script_(std::move(s)) {}
+  std::string endpoint() const { return "127.0.0.1:" + std::to_string(acceptor_.port()); }
+  int accepted() const { return acceptor_.accepted(); }
 
  private:
-  void accept_loop() {
-    while (!stop_) {
-      pollfd p{fd_, POLLIN, 0};
-      if (::poll(&p, 1, 50) <= 0) continue;
-      const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (c < 0) continue;
-      const int index = accepted_++;
-      peers_.emplace_back([this, c, index] {
-        raw_peer peer(c);
-        script_(peer, index);
-      });
-    }
-  }
   script script_;
-  int fd_ = -1;
-  std::uint16_t port_ = 0;
-  std::atomic<bool> stop_{false};
-  std::atomic<int> accepted_{0};
-  std::thread acceptor_;
-  std::vector<std::thread> peers_;
+  threaded_acceptor acceptor_{[this](int fd, int index) {
+                                raw_peer peer(fd);
+                                script_(peer, index);
+                              },
+                              true};
 };
 
 // Reads one request header (the tests send no body); false on EOF, error or 10 s.
@@ -552,8 +405,6 @@ void wait_for_client_end(raw_peer& p) {
     if (p.recv_some(buf, sizeof(buf)) <= 0) return;
   }
 }
-
-constexpr std::string_view ok_response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
 // Answers every request with 200 until the client ends the connection.
 void answer_until_end(raw_peer& p, std::string& pending) {

@@ -8,33 +8,25 @@
 
 #include <gtest/gtest.h>
 #include <openssl/ssl.h>
-#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include <boost/asio/as_tuple.hpp>
-#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/use_awaitable.hpp>
-#include <boost/beast/core/flat_buffer.hpp>
-#include <boost/beast/http/read.hpp>
-#include <boost/beast/http/write.hpp>
 
 #include "../support/descriptors.hpp"
 #include "../support/loopback.hpp"
 #include "closewise/client_pool.hpp"
 #include "closewise/http_client.hpp"
 #include "closewise/tls.hpp"
+#include "pool_support.hpp"
 #include "poolsweep/sweep.hpp"
 #include "reqresp/http_session.hpp"
 
@@ -46,15 +38,6 @@ namespace ps = closewise::poolsweep;
 
 namespace {
 
-constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
-using clock_type = std::chrono::steady_clock;
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool sanitized = true;
-#else
-constexpr bool sanitized = false;
-#endif
-
 // Reuses of the TLS sweep: 2,000; 400 under a sanitizer or when
 // CLOSEWISE_TEST_REPS says the build is slow; CLOSEWISE_POOL_REUSES (the
 // TCP sweep's count) sets it to 10 % of that count. Fewer than over TCP, by
@@ -64,15 +47,11 @@ constexpr bool sanitized = false;
 // after the server accepted, and the server closes before the first byte
 // (a failed connect, not the keep-alive race under test).
 std::uint64_t tls_sweep_reuses() {
-  if (const char* env = std::getenv("CLOSEWISE_POOL_REUSES"))
-    return std::max<std::uint64_t>(100, static_cast<std::uint64_t>(std::max(1L, std::atol(env))) / 10);
-  if (sanitized || std::getenv("CLOSEWISE_TEST_REPS")) return 400;
-  return 2000;
+  if (const auto n = pool_reuses_from_env()) return std::max<std::uint64_t>(100, *n / 10);
+  return slow_build() ? 400 : 2000;
 }
 
 constexpr unsigned sweep_users = 50;
-
-std::size_t sockets_open() { return count_sockets(open_descriptors()); }
 
 // The certificate every server of this file uses, and the trust of every client.
 const certificate_pem& test_certificate() {
@@ -115,31 +94,6 @@ server_options tls_server(std::chrono::milliseconds idle, tls_versions v = tls_v
   co.versions = v;
   o.tls = std::make_shared<asio::ssl::context>(make_server_context(test_certificate(), co));
   return o;
-}
-
-http_request make_request(http::verb method, std::string target, std::string body = {}) {
-  http_request req{method, target, 11};
-  req.body() = std::move(body);
-  return req;
-}
-
-http_result run_request(asio::io_context& ioc, http_client& client, const std::string& target, http_request req,
-                        request_timeouts t = {}) {
-  http_result out;
-  bool done = false;
-  asio::co_spawn(ioc, client.request(target, std::move(req), t), [&](std::exception_ptr, http_result r) {
-    out = std::move(r);
-    done = true;
-  });
-  EXPECT_TRUE(run_until(
-      ioc, [&] { return done; }, 20s));
-  return out;
-}
-
-// Lets pending closes finish once the pool is gone.
-void settle(asio::io_context& ioc) {
-  ioc.restart();
-  for (int i = 0; i < 100 && !ioc.stopped(); ++i) ioc.run_for(50ms);
 }
 
 // Runs `ioc` for `d` (the client's connection waits idle meanwhile).
@@ -189,75 +143,12 @@ TEST(client_pool_tls, race_sweep_get_no_failures) {
   EXPECT_EQ(sockets_open(), sockets_before);
 }
 
-struct execution_counter {
-  std::mutex mu;
-  std::map<std::string, unsigned> by_id;
-  unsigned duplicates() {
-    std::lock_guard lock(mu);
-    unsigned n = 0;
-    for (const auto& [id, count] : by_id) n += count > 1 ? count - 1 : 0;
-    return n;
-  }
-  std::size_t executed() {
-    std::lock_guard lock(mu);
-    return by_id.size();
-  }
-};
-
-// The test's HTTPS session: every request body is an id, executed (counted)
-// once it was read whole, then answered with keep-alive.
-asio::awaitable<void> counting_session(connection c, std::shared_ptr<execution_counter> counter) {
-  tls_stream& io = *c.tls();
-  boost::beast::flat_buffer buffer;
-  for (;;) {
-    http::request<http::string_body> req;
-    auto [ec, n] = co_await http::async_read(io, buffer, req, use_tuple);
-    if (ec) co_return;
-    io.mark_message_complete();
-    {
-      std::lock_guard lock(counter->mu);
-      ++counter->by_id[req.body()];
-    }
-    http::response<http::string_body> res{http::status::ok, 11};
-    res.body() = "done";
-    res.keep_alive(req.keep_alive());
-    res.prepare_payload();
-    auto [wec, wn] = co_await http::async_write(io, res, use_tuple);
-    if (wec) co_return;
-    c.mark_exchange_complete();
-    if (!res.keep_alive()) co_return;
-  }
-}
-
-class counting_server {
- public:
-  counting_server() : counter_(std::make_shared<execution_counter>()) {
-    srv_ = std::make_unique<server>(tls_server(200ms),
-                                    [c = counter_](connection& conn) { return counting_session(conn, c); });
-    srv_->start();
-    endpoint_ = srv_->local_endpoints().front();
-    thread_ = std::thread([this] { srv_->run(); });
-  }
-  ~counting_server() {
-    srv_->stop();
-    thread_.join();
-  }
-  const std::string& endpoint() const { return endpoint_; }
-  execution_counter& counter() { return *counter_; }
-
- private:
-  std::shared_ptr<execution_counter> counter_;
-  std::unique_ptr<server> srv_;
-  std::string endpoint_;
-  std::thread thread_;
-};
-
 // POSTs over TLS across the server's idle close: none is executed twice, and
 // every failure that reaches a caller is stale_reuse_not_retried.
 TEST(client_pool_tls, race_sweep_post_never_twice) {
   const std::size_t sockets_before = sockets_open();
   {
-    counting_server srv;
+    counting_server srv(tls_server(200ms));
     const auto s =
         tls_sweep(srv.endpoint(), http::verb::post, sweep_users, std::max<std::uint64_t>(100, tls_sweep_reuses() / 4));
     const pool_stats& st = s.stats;
@@ -358,8 +249,6 @@ TEST(client_pool_tls, handshake_counts_within_the_connect_timeout) {
 
 enum class idle_act { ticket, close_notify_and_fin, bare_fin, data };
 
-constexpr std::string_view ok_response = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-
 // TLS 1.3 only, no ticket after the handshake (SSL_set_num_tickets 0): the
 // only ticket the client gets is the one `idle_act::ticket` sends while it
 // idles. Each connection: answer one request, wait 100 ms, act, then answer
@@ -371,37 +260,11 @@ class idle_act_server {
           tls_context_options o;
           o.versions = tls_versions::tls13_only;
           return o;
-        }())) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::listen(fd_, 16) != 0) std::abort();
-    socklen_t len = sizeof(a);
-    ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len);
-    port_ = ntohs(a.sin_port);
-    acceptor_ = std::thread([this] { accept_loop(); });
-  }
-  ~idle_act_server() {
-    stop_ = true;
-    acceptor_.join();
-    for (auto& t : peers_) t.join();
-    ::close(fd_);
-  }
-  std::string target() const { return "tls:127.0.0.1:" + std::to_string(port_); }
+        }())) {}
+  std::string target() const { return "tls:127.0.0.1:" + std::to_string(acceptor_.port()); }
   int acted() const { return acted_.load(); }
 
  private:
-  void accept_loop() {
-    while (!stop_) {
-      pollfd p{fd_, POLLIN, 0};
-      if (::poll(&p, 1, 50) <= 0) continue;
-      const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (c < 0) continue;
-      peers_.emplace_back([this, c] { serve(c); });
-    }
-  }
-
   // Reads one request header (no body); false on the client's end, an error or 10 s.
   static bool read_request(SSL* ssl, std::string& pending) {
     char buf[4096];
@@ -461,12 +324,8 @@ class idle_act_server {
 
   idle_act act_;
   asio::ssl::context ctx_;
-  int fd_ = -1;
-  std::uint16_t port_ = 0;
-  std::atomic<bool> stop_{false};
   std::atomic<int> acted_{0};
-  std::thread acceptor_;
-  std::vector<std::thread> peers_;
+  threaded_acceptor acceptor_{[this](int fd, int) { serve(fd); }, false};
 };
 
 struct idle_outcome {
@@ -477,83 +336,84 @@ struct idle_outcome {
   http_result second;
 };
 
-// One request, 400 ms idle (the server acts at 100 ms), then a second request.
+// One request, 400 ms idle (the server acts at 100 ms), then a second
+// request; afterwards the process holds as many sockets as before.
 idle_outcome idle_through(idle_act act) {
+  const std::size_t sockets_before = sockets_open();
   idle_outcome out;
-  idle_act_server srv(act);
-  asio::io_context ioc;
   {
-    client_pool pool(ioc.get_executor(), tls_pool_options());
-    pool.on_close([&](const std::string&, const close_report& r) { out.reports.push_back(r); });
-    http_client client(pool);
-    const http_result first = run_request(ioc, client, srv.target(), make_request(http::verb::get, "/"));
-    EXPECT_FALSE(first.ec) << first.ec.message();
-    const int tickets_before = tickets_received.load();
-    idle_for(ioc, 400ms);
-    EXPECT_EQ(srv.acted(), 1);
-    out.tickets = tickets_received.load() - tickets_before;
-    out.idle_after = pool.idle(srv.target());
-    out.stats = pool.stats();
-    out.second = run_request(ioc, client, srv.target(), make_request(http::verb::get, "/"));
+    idle_act_server srv(act);
+    asio::io_context ioc;
+    {
+      client_pool pool(ioc.get_executor(), tls_pool_options());
+      pool.on_close([&](const std::string&, const close_report& r) { out.reports.push_back(r); });
+      http_client client(pool);
+      const http_result first = run_request(ioc, client, srv.target(), make_request(http::verb::get, "/"));
+      EXPECT_FALSE(first.ec) << first.ec.message();
+      const int tickets_before = tickets_received.load();
+      idle_for(ioc, 400ms);
+      EXPECT_EQ(srv.acted(), 1);
+      out.tickets = tickets_received.load() - tickets_before;
+      out.idle_after = pool.idle(srv.target());
+      out.stats = pool.stats();
+      out.second = run_request(ioc, client, srv.target(), make_request(http::verb::get, "/"));
+    }
+    settle(ioc);
   }
-  settle(ioc);
+  EXPECT_EQ(sockets_open(), sockets_before);
   return out;
+}
+
+// What the three acts that end the connection share: it left the pool while
+// idle, and the second request succeeded on a fresh connection.
+void expect_dropped_then_reconnected(const idle_outcome& out) {
+  EXPECT_EQ(out.idle_after, 0u);
+  EXPECT_FALSE(out.second.ec) << out.second.ec.message();
+  EXPECT_FALSE(out.second.reused);
+}
+
+// The server's close while idle (close_notify and FIN, or a bare FIN): one
+// FIN seen while idle, and the close report's TLS ending is `how`.
+void expect_servers_close(const idle_outcome& out, tls_ending how) {
+  expect_dropped_then_reconnected(out);
+  EXPECT_EQ(out.stats.fins_seen_idle, 1u);
+  ASSERT_FALSE(out.reports.empty());
+  ASSERT_TRUE(out.reports[0].tls.has_value());
+  EXPECT_EQ(out.reports[0].tls->peer_end, how);
 }
 
 // A ticket sent while the connection idles is consumed by OpenSSL: the
 // connection stays in the pool and is reused.
 TEST(client_pool_tls, ticket_while_idle_keeps_the_connection) {
-  const std::size_t sockets_before = sockets_open();
   const auto out = idle_through(idle_act::ticket);
   EXPECT_EQ(out.tickets, 1);
   EXPECT_EQ(out.idle_after, 1u);
   EXPECT_EQ(out.stats.bytes_seen_idle + out.stats.fins_seen_idle + out.stats.resets_seen_idle, 0u);
   EXPECT_FALSE(out.second.ec) << out.second.ec.message();
   EXPECT_TRUE(out.second.reused);
-  EXPECT_EQ(sockets_open(), sockets_before);
 }
 
 // close_notify then FIN while idle: the server's close, seen at once.
 TEST(client_pool_tls, close_notify_while_idle_is_the_servers_close) {
-  const std::size_t sockets_before = sockets_open();
   const auto out = idle_through(idle_act::close_notify_and_fin);
-  EXPECT_EQ(out.idle_after, 0u);
-  EXPECT_EQ(out.stats.fins_seen_idle, 1u);
+  ASSERT_NO_FATAL_FAILURE(expect_servers_close(out, tls_ending::close_notify));
   EXPECT_EQ(out.stats.bytes_seen_idle, 0u);
-  ASSERT_FALSE(out.reports.empty());
-  ASSERT_TRUE(out.reports[0].tls.has_value());
-  EXPECT_EQ(out.reports[0].tls->peer_end, tls_ending::close_notify);
   EXPECT_TRUE(out.reports[0].tls->close_notify_sent);  // (which FIN was first depends on timing)
-  EXPECT_FALSE(out.second.ec) << out.second.ec.message();
-  EXPECT_FALSE(out.second.reused);
-  EXPECT_EQ(sockets_open(), sockets_before);
 }
 
 // A FIN without close_notify while idle: the server's close too (after a
 // complete response: not a truncation).
 TEST(client_pool_tls, bare_fin_while_idle_is_the_servers_close) {
-  const std::size_t sockets_before = sockets_open();
   const auto out = idle_through(idle_act::bare_fin);
-  EXPECT_EQ(out.idle_after, 0u);
-  EXPECT_EQ(out.stats.fins_seen_idle, 1u);
-  ASSERT_FALSE(out.reports.empty());
-  ASSERT_TRUE(out.reports[0].tls.has_value());
-  EXPECT_EQ(out.reports[0].tls->peer_end, tls_ending::peer_fin_no_close_notify);
-  EXPECT_FALSE(out.second.ec) << out.second.ec.message();
-  EXPECT_FALSE(out.second.reused);
-  EXPECT_EQ(sockets_open(), sockets_before);
+  expect_servers_close(out, tls_ending::peer_fin_no_close_notify);
 }
 
 // Application data nobody asked for while idle: the connection is discarded.
 TEST(client_pool_tls, application_data_while_idle_discards_the_connection) {
-  const std::size_t sockets_before = sockets_open();
   const auto out = idle_through(idle_act::data);
-  EXPECT_EQ(out.idle_after, 0u);
+  expect_dropped_then_reconnected(out);
   EXPECT_EQ(out.stats.bytes_seen_idle, 1u);
   EXPECT_EQ(out.stats.fins_seen_idle, 0u);
-  EXPECT_FALSE(out.second.ec) << out.second.ec.message();
-  EXPECT_FALSE(out.second.reused);
-  EXPECT_EQ(sockets_open(), sockets_before);
 }
 
 }  // namespace
