@@ -43,9 +43,11 @@ namespace {
 // TCP sweep's count) sets it to 10 % of that count. Fewer than over TCP, by
 // 50 users instead of 300: a handshake per fresh connection costs the
 // client's one thread enough that, on a busy machine, a client with more
-// users sends its ClientHello more than the server's 200 ms idle timeout
-// after the server accepted, and the server closes before the first byte
-// (a failed connect, not the keep-alive race under test).
+// users lags between connect and first request. The server's
+// first_input_timeout covers the wait for the ClientHello, but the wait for
+// the first request after the handshake is the session's, under the 200 ms
+// idle timeout: a lag past it closes a fresh connection (a failure, not the
+// keep-alive race under test).
 std::uint64_t tls_sweep_reuses() {
   if (const auto n = pool_reuses_from_env()) return std::max<std::uint64_t>(100, *n / 10);
   return slow_build() ? 400 : 2000;
