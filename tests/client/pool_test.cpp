@@ -162,7 +162,7 @@ TEST(client_pool, race_sweep_get_no_failures) {
 
 // The same sweep against nginx with keepalive_timeout 200ms, a server we did
 // not write, on a Unix socket in a directory of the test's own (no port to
-// race for). A quarter of the reuses, to keep the suite's budget. Skipped,
+// race for), with as many reuses as the sweep against closewise-reqresp. Skipped,
 // saying why, where nginx is missing.
 TEST(client_pool, race_sweep_get_against_nginx) {
   const auto nginx = find_program("nginx");
@@ -187,7 +187,7 @@ TEST(client_pool, race_sweep_get_against_nginx) {
     std::this_thread::sleep_for(10ms);  // nginx prints nothing when it is ready
   }
   ASSERT_GE(connect_unix(sock).fd(), 0) << "nginx did not listen";
-  const auto s = sweep_against("unix:" + sock, http::verb::get, 300, std::max<std::uint64_t>(1000, sweep_reuses() / 4));
+  const auto s = sweep_against("unix:" + sock, http::verb::get, 300, sweep_reuses());
   EXPECT_EQ(s.failures, 0u) << s.describe_errors();
   EXPECT_GT(s.stats.fins_seen_idle, 0u);
   server.signal(SIGQUIT);
