@@ -561,6 +561,38 @@ TEST(server_start_on_input, the_idle_timeout_closes_a_silent_peer_as_a_first_rea
   expect_no_half_closed_leftovers(s.port());
 }
 
+// first_input_timeout: a new connection may stay silent longer than the idle
+// timeout between exchanges (nginx's client_header_timeout beside its
+// keepalive_timeout), and only the wait for its first bytes gets it.
+TEST(server_start_on_input, first_input_timeout_bounds_a_new_connections_silence_apart_from_the_idle_timeout) {
+  sessions_started = 0;
+  auto o = on_input_options(1);
+  o.stream.idle_timeout = 200ms;
+  o.first_input_timeout = 2s;
+  running_server s(o, counted_echo_session);
+  auto slow = connect_to(s.port());
+  auto silent = connect_to(s.port());
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(wait_accepted(s, 2));
+  // Three idle timeouts of silence: still open, and served.
+  std::this_thread::sleep_for(600ms);
+  ASSERT_TRUE(echoes(slow)) << "a new connection was closed at the idle timeout, not first_input_timeout";
+  // After an exchange, the idle timeout between exchanges applies again.
+  const auto answered = std::chrono::steady_clock::now();
+  EXPECT_TRUE(slow.drain().eof);
+  EXPECT_LT(std::chrono::steady_clock::now() - answered, 1500ms) << "the idle timeout after an exchange became 2 s";
+  // The peer that never speaks is closed at first_input_timeout.
+  EXPECT_TRUE(silent.drain().eof);
+  const auto silent_for = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(silent_for, 1800ms);
+  EXPECT_LT(silent_for, 6s);
+  slow.close();
+  silent.close();
+  ASSERT_TRUE(s.wait_closed(2));
+  EXPECT_EQ(sessions_started.load(), 1);
+  for (const auto& r : s.reports()) EXPECT_EQ(r.report.timeout, timeout_kind::idle);
+}
+
 TEST(server_start_on_input, a_drain_closes_silent_peers_gracefully_as_server_drain) {
   const auto fds = open_fd_count();
   {
