@@ -39,27 +39,7 @@ struct sweep_run {
 // The pools' counters, added up.
 pool_stats sum(const std::vector<std::unique_ptr<client_pool>>& pools) {
   pool_stats t;
-  for (const auto& p : pools) {
-    const pool_stats s = p->stats();
-    t.connects += s.connects;
-    t.connect_failures += s.connect_failures;
-    t.reuses += s.reuses;
-    t.fins_seen_idle += s.fins_seen_idle;
-    t.resets_seen_idle += s.resets_seen_idle;
-    t.bytes_seen_idle += s.bytes_seen_idle;
-    t.idle_expired += s.idle_expired;
-    t.dropped_at_reuse += s.dropped_at_reuse;
-    t.retries += s.retries;
-    t.wait_timeouts += s.wait_timeouts;
-    t.overloaded += s.overloaded;
-    t.closed += s.closed;
-    t.failed_connect += s.failed_connect;
-    t.failed_pool += s.failed_pool;
-    t.failed_timeout += s.failed_timeout;
-    t.failed_stale_reuse_not_retried += s.failed_stale_reuse_not_retried;
-    t.failed_connection += s.failed_connection;
-    t.failed_protocol += s.failed_protocol;
-  }
+  for (const auto& p : pools) t += p->stats();
   return t;
 }
 

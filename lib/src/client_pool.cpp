@@ -26,7 +26,9 @@
 #include <poll.h>
 
 #include <algorithm>
+#include <array>
 #include <deque>
+#include <iterator>
 #include <map>
 #include <string_view>
 
@@ -583,14 +585,48 @@ void client_pool::record_failure(failure_class c) noexcept {
   }
 }
 
+namespace {
+
+// Every counter of pool_stats, by name, in declaration order: describe() and
+// operator+= walk this one list, and the static_assert below fails the build
+// when a counter is added to the struct but not here.
+using pool_counter = std::pair<std::string_view, std::uint64_t pool_stats::*>;
+constexpr std::array<pool_counter, 18> pool_counters{{
+    {"connects", &pool_stats::connects},
+    {"connect_failures", &pool_stats::connect_failures},
+    {"reuses", &pool_stats::reuses},
+    {"fins_seen_idle", &pool_stats::fins_seen_idle},
+    {"resets_seen_idle", &pool_stats::resets_seen_idle},
+    {"bytes_seen_idle", &pool_stats::bytes_seen_idle},
+    {"idle_expired", &pool_stats::idle_expired},
+    {"dropped_at_reuse", &pool_stats::dropped_at_reuse},
+    {"retries", &pool_stats::retries},
+    {"wait_timeouts", &pool_stats::wait_timeouts},
+    {"overloaded", &pool_stats::overloaded},
+    {"closed", &pool_stats::closed},
+    {"failed_connect", &pool_stats::failed_connect},
+    {"failed_pool", &pool_stats::failed_pool},
+    {"failed_timeout", &pool_stats::failed_timeout},
+    {"failed_stale_reuse_not_retried", &pool_stats::failed_stale_reuse_not_retried},
+    {"failed_connection", &pool_stats::failed_connection},
+    {"failed_protocol", &pool_stats::failed_protocol},
+}};
+static_assert(sizeof(pool_stats) == pool_counters.size() * sizeof(std::uint64_t),
+              "a pool_stats counter is missing from pool_counters");
+
+}  // namespace
+
+pool_stats& pool_stats::operator+=(const pool_stats& other) noexcept {
+  for (const auto& [name, member] : pool_counters) this->*member += other.*member;
+  return *this;
+}
+
 std::string pool_stats::describe() const {
-  return fmt::format(
-      "connects={} connect_failures={} reuses={} fins_seen_idle={} resets_seen_idle={} bytes_seen_idle={} "
-      "idle_expired={} dropped_at_reuse={} retries={} wait_timeouts={} overloaded={} closed={} failed_connect={} "
-      "failed_pool={} failed_timeout={} failed_stale_reuse_not_retried={} failed_connection={} failed_protocol={}",
-      connects, connect_failures, reuses, fins_seen_idle, resets_seen_idle, bytes_seen_idle, idle_expired,
-      dropped_at_reuse, retries, wait_timeouts, overloaded, closed, failed_connect, failed_pool, failed_timeout,
-      failed_stale_reuse_not_retried, failed_connection, failed_protocol);
+  std::string out;
+  for (const auto& [name, member] : pool_counters) {
+    fmt::format_to(std::back_inserter(out), "{}{}={}", out.empty() ? "" : " ", name, this->*member);
+  }
+  return out;
 }
 
 }  // namespace closewise

@@ -10,7 +10,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -20,6 +22,7 @@
 #include <map>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -783,6 +786,37 @@ TEST(delay_relay, forwards_bytes_fin_and_reset_a_delay_later) {
   EXPECT_EQ(server_saw[0], 0);
   EXPECT_EQ(server_saw[2], -ECONNRESET);
   EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+// Adding up several pools' figures (closewise-pool-sweep does) must carry
+// every counter, and describe() must name every one with its value.
+TEST(client_pool, stats_add_up_and_describe_every_counter) {
+  constexpr std::size_t n = sizeof(pool_stats) / sizeof(std::uint64_t);
+  std::array<std::uint64_t, n> x{}, y{}, sum{};
+  for (std::size_t i = 0; i < n; ++i) {
+    x[i] = i + 1;
+    y[i] = 1000 * (i + 1);
+  }
+  // pool_stats is trivially copyable: a run of n counters.
+  auto a = std::bit_cast<pool_stats>(x);
+  const auto b = std::bit_cast<pool_stats>(y);
+  const pool_stats& added = (a += b);
+  EXPECT_EQ(&added, &a);
+  sum = std::bit_cast<std::array<std::uint64_t, n>>(a);
+  for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(sum[i], 1001 * (i + 1)) << "counter " << i;
+  EXPECT_EQ(b.reuses, 3000u);  // the right-hand side is left alone
+
+  // "name=value" for each counter, in declaration order.
+  std::istringstream words(a.describe());
+  std::vector<std::uint64_t> described;
+  for (std::string w; words >> w;) {
+    const auto eq = w.find('=');
+    ASSERT_NE(eq, std::string::npos) << w;
+    ASSERT_GT(eq, 0u) << w;
+    described.push_back(std::stoull(w.substr(eq + 1)));
+  }
+  EXPECT_EQ(described, std::vector<std::uint64_t>(sum.begin(), sum.end()));
+  EXPECT_NE(a.describe().find("failed_stale_reuse_not_retried=16016"), std::string::npos) << a.describe();
 }
 
 }  // namespace

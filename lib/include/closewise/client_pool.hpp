@@ -135,7 +135,9 @@ struct CLOSEWISE_API pool_stats {
   std::uint64_t failed_stale_reuse_not_retried = 0;  ///< failures: errc::stale_reuse_not_retried
   std::uint64_t failed_connection = 0;               ///< failures: the connection broke (other than the stale case)
   std::uint64_t failed_protocol = 0;                 ///< failures: the peer's answer was malformed
-  /// One line: "connects=.. reuses=.. fins_seen_idle=.. ...".
+  /// Adds every counter of `other` (the figures of several pools together).
+  pool_stats& operator+=(const pool_stats& other) noexcept;
+  /// One line: "connects=.. connect_failures=.. reuses=.. ...", every counter.
   std::string describe() const;
 };
 
