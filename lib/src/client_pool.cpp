@@ -94,12 +94,15 @@ struct target_state {
   std::deque<std::shared_ptr<waiter>> waiters;
   std::size_t total = 0;  // slots: connecting, leased or idle
   std::optional<std::chrono::milliseconds> hint;
+  // The session the next new TLS connection offers (taken by it: used once).
+  std::shared_ptr<SSL_SESSION> tls_session;
 };
 
 struct counters {
   std::atomic<std::uint64_t> connects{0}, connect_failures{0}, reuses{0}, fins_seen_idle{0}, resets_seen_idle{0},
       bytes_seen_idle{0}, idle_expired{0}, dropped_at_reuse{0}, retries{0}, wait_timeouts{0}, overloaded{0}, closed{0},
-      failed_connect{0}, failed_pool{0}, failed_timeout{0}, failed_stale{0}, failed_connection{0}, failed_protocol{0};
+      failed_connect{0}, failed_pool{0}, failed_timeout{0}, failed_stale{0}, failed_connection{0}, failed_protocol{0},
+      tls_resumed{0};
 };
 
 void bump(std::atomic<std::uint64_t>& c) noexcept { c.fetch_add(1, std::memory_order_relaxed); }
@@ -148,6 +151,20 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
   }
 
   // Ends `c` with `policy`; its slot goes to the first waiter unless `keep_slot`.
+  // A TLS connection given back or closed by its user leaves its session
+  // with its target, for the next new connection (pool_tls_options::resume_sessions).
+  void keep_session(pooled& c) {
+    if (!c.t || !opts.tls.resume_sessions) return;
+    // The latest session: OpenSSL replaces it with each TLS 1.3 ticket it reads.
+    SSL_SESSION* session = ::SSL_get1_session(c.t->native_handle());
+    if (!session) return;
+    if (::SSL_SESSION_is_resumable(session) == 1) {
+      targets[c.target].tls_session.reset(session, ::SSL_SESSION_free);
+    } else {
+      ::SSL_SESSION_free(session);
+    }
+  }
+
   void retire(const std::shared_ptr<pooled>& c, close_policy policy, bool keep_slot = false) {
     auto& t = targets[c->target];
     if (!keep_slot) {
@@ -335,9 +352,15 @@ asio::awaitable<std::pair<error_code, pool_lease>> open_connection(std::shared_p
       if (!ec) {
         // A failed handshake ends the connection too, with a report.
         c->t->on_close(std::move(observer));
-        set_server_name(c->t->native_handle(), tls_server_name(st->opts, target));
+        SSL* ssl = c->t->native_handle();
+        set_server_name(ssl, tls_server_name(st->opts, target));
+        // Taken, not copied: a ticket is offered once (pool_tls_options::resume_sessions).
+        if (const auto offered = std::move(st->targets[target].tls_session); offered && st->opts.tls.resume_sessions) {
+          ::SSL_set_session(ssl, offered.get());  // OpenSSL keeps its own reference
+        }
         auto [hec] = co_await c->t->async_handshake(asio::ssl::stream_base::client, use_tuple);
         ec = hec;
+        if (!ec && ::SSL_session_reused(c->t->native_handle()) == 1) internal::bump(st->n.tls_resumed);
         // A server silent past the deadline gets a RST, not a drain that waits for it.
         if (ec || st->closed) {
           const auto policy = ec == asio::error::timed_out ? close_policy::abortive
@@ -438,6 +461,7 @@ asio::awaitable<close_report> close_on(std::shared_ptr<pool_state> st, std::shar
   auto& t = st->targets[c->target];
   --t.total;
   st->grant_slot(t);
+  st->keep_session(*c);
   co_return co_await c->async_close(policy, asio::use_awaitable);
 }
 
@@ -500,6 +524,7 @@ void client_pool::release(pool_lease lease, std::optional<std::chrono::milliseco
                      (!c->t || ::SSL_has_pending(c->t->native_handle()) == 0);
   if (!clean) return st_->retire(c, st_->opts.policy);
   ++c->uses;
+  st_->keep_session(*c);
   // The exchange is over: the next read waits for a new one (idle clock).
   s.mark_exchange_complete();
   if (!t.waiters.empty()) {
@@ -549,6 +574,7 @@ pool_stats client_pool::stats() const {
   s.failed_stale_reuse_not_retried = v(n.failed_stale);
   s.failed_connection = v(n.failed_connection);
   s.failed_protocol = v(n.failed_protocol);
+  s.tls_resumed = v(n.tls_resumed);
   return s;
 }
 
@@ -591,7 +617,7 @@ namespace {
 // operator+= walk this one list, and the static_assert below fails the build
 // when a counter is added to the struct but not here.
 using pool_counter = std::pair<std::string_view, std::uint64_t pool_stats::*>;
-constexpr std::array<pool_counter, 18> pool_counters{{
+constexpr std::array<pool_counter, 19> pool_counters{{
     {"connects", &pool_stats::connects},
     {"connect_failures", &pool_stats::connect_failures},
     {"reuses", &pool_stats::reuses},
@@ -610,6 +636,7 @@ constexpr std::array<pool_counter, 18> pool_counters{{
     {"failed_stale_reuse_not_retried", &pool_stats::failed_stale_reuse_not_retried},
     {"failed_connection", &pool_stats::failed_connection},
     {"failed_protocol", &pool_stats::failed_protocol},
+    {"tls_resumed", &pool_stats::tls_resumed},
 }};
 static_assert(sizeof(pool_stats) == pool_counters.size() * sizeof(std::uint64_t),
               "a pool_stats counter is missing from pool_counters");

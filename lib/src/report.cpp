@@ -75,6 +75,7 @@ std::string close_report::describe() const {
         fmt::format(" tls={} handshake={} handshake_ms={:.3f}", tls->version.empty() ? "none" : tls->version,
                     to_string(tls->handshake), std::chrono::duration<double, std::milli>(tls->handshake_time).count());
     if (!tls->alpn.empty()) out += fmt::format(" alpn={}", tls->alpn);
+    if (tls->session_resumed) out += " resumed=true";
     if (!tls->handshake_error.empty()) out += fmt::format(" handshake_error=\"{}\"", tls->handshake_error);
     out += fmt::format(" close_notify_sent={} close_notify_received={} peer_end={} app_in={} app_out={}",
                        tls->close_notify_sent, tls->close_notify_received, to_string(tls->peer_end), tls->app_bytes_in,

@@ -15,10 +15,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 
 #include "../support/descriptors.hpp"
@@ -84,7 +86,8 @@ pool_options tls_pool_options() {
   return o;
 }
 
-server_options tls_server(std::chrono::milliseconds idle, tls_versions v = tls_versions::tls12_and_13) {
+server_options tls_server(std::chrono::milliseconds idle, tls_versions v = tls_versions::tls12_and_13,
+                          bool session_tickets = true) {
   server_options o;
   o.listen = {"127.0.0.1:0"};
   o.threads = 1;
@@ -94,6 +97,7 @@ server_options tls_server(std::chrono::milliseconds idle, tls_versions v = tls_v
   o.first_input_timeout = 10s;
   tls_context_options co;
   co.versions = v;
+  co.session_tickets = session_tickets;
   o.tls = std::make_shared<asio::ssl::context>(make_server_context(test_certificate(), co));
   return o;
 }
@@ -246,6 +250,103 @@ TEST(client_pool_tls, handshake_counts_within_the_connect_timeout) {
   }
   EXPECT_EQ(sockets_open(), sockets_before);
 }
+
+// ---- session resumption ----------------------------------------------------
+
+struct resumption_case {
+  const char* name;
+  tls_versions versions;
+  bool server_tickets;  // the server issues tickets
+  bool resume;          // pool_tls_options::resume_sessions
+  bool resumes;         // what must happen
+};
+
+void PrintTo(const resumption_case& c, std::ostream* os) { *os << c.name; }
+
+class client_pool_tls_resumption : public ::testing::TestWithParam<resumption_case> {};
+
+// Four requests, each on a new connection (the previous one expired idle):
+// the first handshake is full; each later one resumes the session the
+// previous connection left with its target when it was given back, over
+// TLS 1.3 (a ticket) and TLS 1.2 (an RFC 5077 ticket), and its report says
+// so. Then two connections opened at once: one session, offered once, so
+// exactly one resumes. With resumption off at either end every handshake is
+// full, and nothing fails either way.
+TEST_P(client_pool_tls_resumption, new_connections_resume_the_targets_last_session) {
+  const resumption_case& c = GetParam();
+  const std::size_t sockets_before = sockets_open();
+  {
+    rr::http_server srv(tls_server(5s, c.versions, c.server_tickets), {});
+    const std::string target = "tls:" + srv.endpoint();
+    asio::io_context ioc;
+    {
+      pool_options o = tls_pool_options();
+      o.tls.resume_sessions = c.resume;
+      o.idle_timeout = 50ms;  // each request finds the previous connection gone
+      client_pool pool(ioc.get_executor(), o);
+      std::vector<close_report> reports;
+      pool.on_close([&](const std::string&, const close_report& r) { reports.push_back(r); });
+      http_client client(pool);
+      for (std::size_t i = 0; i < 4; ++i) {
+        const http_result r = run_request(ioc, client, target, make_request(http::verb::get, "/bytes/7"));
+        ASSERT_FALSE(r.ec) << "request " << i << ": " << r.ec.message();
+        EXPECT_EQ(r.response.body(), pattern(7));
+        EXPECT_FALSE(r.reused) << "request " << i;
+        ASSERT_TRUE(run_until(
+            ioc, [&] { return reports.size() == i + 1; }, 20s));
+        const close_report& rep = reports.back();
+        ASSERT_TRUE(rep.tls.has_value()) << "request " << i;
+        EXPECT_EQ(rep.tls->session_resumed, c.resumes && i > 0) << "request " << i << ": " << rep.describe();
+        EXPECT_EQ(rep.tls->version, c.versions == tls_versions::tls12_only ? "TLSv1.2" : "TLSv1.3");
+      }
+      EXPECT_EQ(pool.stats().connects, 4u);
+      EXPECT_EQ(pool.stats().tls_resumed, c.resumes ? 3u : 0u) << pool.stats().describe();
+      auto ms = [&](std::size_t i) {
+        return std::chrono::duration<double, std::milli>(reports[i].tls->handshake_time).count();
+      };
+      std::printf("pool: TLS resumption %s: handshakes %.2f, %.2f, %.2f, %.2f ms, %llu resumed\n", c.name, ms(0), ms(1),
+                  ms(2), ms(3), static_cast<unsigned long long>(pool.stats().tls_resumed));
+
+      // Two at once: the last connection's session goes to one of them only.
+      const std::uint64_t resumed_before = pool.stats().tls_resumed;
+      std::vector<pool_lease> leases;
+      int done = 0;
+      for (int i = 0; i < 2; ++i) {
+        asio::co_spawn(ioc, pool.acquire(target, clock_type::now() + 10s, true),
+                       [&](std::exception_ptr e, std::pair<error_code, pool_lease> r) {
+                         ++done;
+                         EXPECT_FALSE(e);
+                         EXPECT_FALSE(r.first) << r.first.message();
+                         leases.push_back(std::move(r.second));
+                       });
+      }
+      ASSERT_TRUE(run_until(
+          ioc, [&] { return done == 2; }, 20s));
+      EXPECT_EQ(pool.stats().tls_resumed - resumed_before, c.resumes ? 1u : 0u) << pool.stats().describe();
+      int closed = 0;
+      for (auto& l : leases) {
+        asio::co_spawn(ioc, pool.close(std::move(l), close_policy::graceful),
+                       [&](std::exception_ptr e, const close_report&) {
+                         EXPECT_FALSE(e);
+                         ++closed;
+                       });
+      }
+      ASSERT_TRUE(run_until(
+          ioc, [&] { return closed == 2; }, 20s));
+      EXPECT_EQ(pool.stats().failed_connect + pool.stats().failed_connection + pool.stats().failed_protocol, 0u);
+    }
+    settle(ioc);
+  }
+  EXPECT_EQ(sockets_open(), sockets_before);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    cases, client_pool_tls_resumption,
+    ::testing::Values(resumption_case{"tls13", tls_versions::tls13_only, true, true, true},
+                      resumption_case{"tls12", tls_versions::tls12_only, true, true, true},
+                      resumption_case{"tls13_pool_resumption_off", tls_versions::tls13_only, true, false, false},
+                      resumption_case{"tls13_server_without_tickets", tls_versions::tls13_only, false, true, false}),
+    [](const ::testing::TestParamInfo<resumption_case>& i) { return std::string(i.param.name); });
 
 // ---- a raw OpenSSL server that acts while the client idles ---------------
 

@@ -83,6 +83,13 @@ struct pool_tls_options {
   /// The TLS layer's limits; its handshake_timeout is replaced by what is
   /// left of the connect timeout once TCP connected.
   tls_options stream;
+  /// Session resumption: a connection given back with `release` leaves its
+  /// session (a TLS 1.3 ticket, or a TLS 1.2 session) with its target, and
+  /// the target's next new connection offers it, once: a resumed handshake
+  /// skips the certificate and its verification. Once, because RFC 8446
+  /// (appendix C.4) asks clients not to reuse a ticket: several connections
+  /// opened at once resume at most one of them. Off: every handshake is full.
+  bool resume_sessions = true;
 };
 
 /// Limits and timeouts of a client_pool.
@@ -135,6 +142,7 @@ struct CLOSEWISE_API pool_stats {
   std::uint64_t failed_stale_reuse_not_retried = 0;  ///< failures: errc::stale_reuse_not_retried
   std::uint64_t failed_connection = 0;               ///< failures: the connection broke (other than the stale case)
   std::uint64_t failed_protocol = 0;                 ///< failures: the peer's answer was malformed
+  std::uint64_t tls_resumed = 0;                     ///< TLS handshakes that resumed a session
   /// Adds every counter of `other` (the figures of several pools together).
   pool_stats& operator+=(const pool_stats& other) noexcept;
   /// One line: "connects=.. connect_failures=.. reuses=.. ...", every counter.

@@ -45,6 +45,7 @@ struct tls_facts {
   std::chrono::nanoseconds handshake_time{0};  ///< from the first handshake step to its end
   std::string version;                         ///< negotiated protocol, e.g. "TLSv1.3" (empty without a handshake)
   std::string alpn;                            ///< negotiated application protocol, e.g. "http/1.1"
+  bool session_resumed = false;                ///< the handshake resumed an earlier session (no certificate exchanged)
   std::string handshake_error;                 ///< the handshake's error text, if it failed
   bool close_notify_sent = false;              ///< we sent close_notify
   bool close_notify_received = false;          ///< the peer's close_notify arrived (before or during our close)

@@ -32,6 +32,7 @@ struct basic_tls_stream<NextLayer>::handshake_op {
       i.facts.handshake = tls_handshake::ok;
       SSL* s = i.engine.native_handle();
       i.facts.version = ::SSL_get_version(s);
+      i.facts.session_resumed = ::SSL_session_reused(s) == 1;
       const unsigned char* alpn = nullptr;
       unsigned int alpn_len = 0;
       ::SSL_get0_alpn_selected(s, &alpn, &alpn_len);
