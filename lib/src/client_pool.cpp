@@ -150,7 +150,6 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
     w->timer.cancel();
   }
 
-  // Ends `c` with `policy`; its slot goes to the first waiter unless `keep_slot`.
   // A TLS connection given back or closed by its user leaves its session
   // with its target, for the next new connection (pool_tls_options::resume_sessions).
   void keep_session(pooled& c) {
@@ -165,6 +164,7 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
     }
   }
 
+  // Ends `c` with `policy`; its slot goes to the first waiter unless `keep_slot`.
   void retire(const std::shared_ptr<pooled>& c, close_policy policy, bool keep_slot = false) {
     auto& t = targets[c->target];
     if (!keep_slot) {

@@ -83,12 +83,13 @@ struct pool_tls_options {
   /// The TLS layer's limits; its handshake_timeout is replaced by what is
   /// left of the connect timeout once TCP connected.
   tls_options stream;
-  /// Session resumption: a connection given back with `release` leaves its
-  /// session (a TLS 1.3 ticket, or a TLS 1.2 session) with its target, and
-  /// the target's next new connection offers it, once: a resumed handshake
-  /// skips the certificate and its verification. Once, because RFC 8446
-  /// (appendix C.4) asks clients not to reuse a ticket: several connections
-  /// opened at once resume at most one of them. Off: every handshake is full.
+  /// Session resumption: a connection given back with `release`, or closed
+  /// with `close`, leaves its session (a TLS 1.3 ticket, or a TLS 1.2
+  /// session) with its target, and the target's next new connection offers
+  /// it, once: a resumed handshake skips the certificate and its
+  /// verification. Once, because RFC 8446 (appendix C.4) asks clients not to
+  /// reuse a ticket: several connections opened at once resume at most one
+  /// of them. Off: every handshake is full.
   bool resume_sessions = true;
 };
 
