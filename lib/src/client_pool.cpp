@@ -155,13 +155,12 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
   void keep_session(pooled& c) {
     if (!c.t || !opts.tls.resume_sessions) return;
     // The latest session: OpenSSL replaces it with each TLS 1.3 ticket it reads.
-    SSL_SESSION* session = ::SSL_get1_session(c.t->native_handle());
-    if (!session) return;
-    if (::SSL_SESSION_is_resumable(session) == 1) {
-      targets[c.target].tls_session.reset(session, ::SSL_SESSION_free);
-    } else {
-      ::SSL_SESSION_free(session);
-    }
+    // Kept already (a kept-alive connection given back again): nothing to do.
+    SSL_SESSION* session = ::SSL_get_session(c.t->native_handle());
+    auto& kept = targets[c.target].tls_session;
+    if (!session || session == kept.get() || ::SSL_SESSION_is_resumable(session) != 1) return;
+    ::SSL_SESSION_up_ref(session);
+    kept.reset(session, ::SSL_SESSION_free);
   }
 
   // Ends `c` with `policy`; its slot goes to the first waiter unless `keep_slot`.
@@ -270,6 +269,45 @@ struct pool_state : std::enable_shared_from_this<pool_state> {
 };
 
 }  // namespace internal
+
+namespace {
+
+// Every counter of pool_stats: its name and the atomic the pool counts it
+// in, in declaration order. stats(), describe() and operator+= walk this one
+// list, and the static_assert below fails the build when a counter is added
+// to the struct but not here.
+struct pool_counter {
+  std::string_view name;
+  std::uint64_t pool_stats::*value;
+  std::atomic<std::uint64_t> internal::counters::*count;
+};
+constexpr std::array<pool_counter, 19> pool_counters{{
+    {"connects", &pool_stats::connects, &internal::counters::connects},
+    {"connect_failures", &pool_stats::connect_failures, &internal::counters::connect_failures},
+    {"reuses", &pool_stats::reuses, &internal::counters::reuses},
+    {"fins_seen_idle", &pool_stats::fins_seen_idle, &internal::counters::fins_seen_idle},
+    {"resets_seen_idle", &pool_stats::resets_seen_idle, &internal::counters::resets_seen_idle},
+    {"bytes_seen_idle", &pool_stats::bytes_seen_idle, &internal::counters::bytes_seen_idle},
+    {"idle_expired", &pool_stats::idle_expired, &internal::counters::idle_expired},
+    {"dropped_at_reuse", &pool_stats::dropped_at_reuse, &internal::counters::dropped_at_reuse},
+    {"retries", &pool_stats::retries, &internal::counters::retries},
+    {"wait_timeouts", &pool_stats::wait_timeouts, &internal::counters::wait_timeouts},
+    {"overloaded", &pool_stats::overloaded, &internal::counters::overloaded},
+    {"closed", &pool_stats::closed, &internal::counters::closed},
+    {"failed_connect", &pool_stats::failed_connect, &internal::counters::failed_connect},
+    {"failed_pool", &pool_stats::failed_pool, &internal::counters::failed_pool},
+    {"failed_timeout", &pool_stats::failed_timeout, &internal::counters::failed_timeout},
+    {"failed_stale_reuse_not_retried", &pool_stats::failed_stale_reuse_not_retried, &internal::counters::failed_stale},
+    {"failed_connection", &pool_stats::failed_connection, &internal::counters::failed_connection},
+    {"failed_protocol", &pool_stats::failed_protocol, &internal::counters::failed_protocol},
+    {"tls_resumed", &pool_stats::tls_resumed, &internal::counters::tls_resumed},
+}};
+static_assert(sizeof(pool_stats) == pool_counters.size() * sizeof(std::uint64_t),
+              "a pool_stats counter is missing from pool_counters");
+static_assert(sizeof(internal::counters) == pool_counters.size() * sizeof(std::atomic<std::uint64_t>),
+              "a pool counter is missing from pool_counters");
+
+}  // namespace
 
 namespace {
 
@@ -553,28 +591,8 @@ asio::awaitable<close_report> client_pool::close(pool_lease lease, close_policy 
 void client_pool::on_close(pool_close_observer f) { st_->observer = std::move(f); }
 
 pool_stats client_pool::stats() const {
-  const auto& n = st_->n;
-  auto v = [](const std::atomic<std::uint64_t>& a) { return a.load(std::memory_order_relaxed); };
   pool_stats s;
-  s.connects = v(n.connects);
-  s.connect_failures = v(n.connect_failures);
-  s.reuses = v(n.reuses);
-  s.fins_seen_idle = v(n.fins_seen_idle);
-  s.resets_seen_idle = v(n.resets_seen_idle);
-  s.bytes_seen_idle = v(n.bytes_seen_idle);
-  s.idle_expired = v(n.idle_expired);
-  s.dropped_at_reuse = v(n.dropped_at_reuse);
-  s.retries = v(n.retries);
-  s.wait_timeouts = v(n.wait_timeouts);
-  s.overloaded = v(n.overloaded);
-  s.closed = v(n.closed);
-  s.failed_connect = v(n.failed_connect);
-  s.failed_pool = v(n.failed_pool);
-  s.failed_timeout = v(n.failed_timeout);
-  s.failed_stale_reuse_not_retried = v(n.failed_stale);
-  s.failed_connection = v(n.failed_connection);
-  s.failed_protocol = v(n.failed_protocol);
-  s.tls_resumed = v(n.tls_resumed);
+  for (const auto& c : pool_counters) s.*c.value = (st_->n.*c.count).load(std::memory_order_relaxed);
   return s;
 }
 
@@ -611,47 +629,15 @@ void client_pool::record_failure(failure_class c) noexcept {
   }
 }
 
-namespace {
-
-// Every counter of pool_stats, by name, in declaration order: describe() and
-// operator+= walk this one list, and the static_assert below fails the build
-// when a counter is added to the struct but not here.
-using pool_counter = std::pair<std::string_view, std::uint64_t pool_stats::*>;
-constexpr std::array<pool_counter, 19> pool_counters{{
-    {"connects", &pool_stats::connects},
-    {"connect_failures", &pool_stats::connect_failures},
-    {"reuses", &pool_stats::reuses},
-    {"fins_seen_idle", &pool_stats::fins_seen_idle},
-    {"resets_seen_idle", &pool_stats::resets_seen_idle},
-    {"bytes_seen_idle", &pool_stats::bytes_seen_idle},
-    {"idle_expired", &pool_stats::idle_expired},
-    {"dropped_at_reuse", &pool_stats::dropped_at_reuse},
-    {"retries", &pool_stats::retries},
-    {"wait_timeouts", &pool_stats::wait_timeouts},
-    {"overloaded", &pool_stats::overloaded},
-    {"closed", &pool_stats::closed},
-    {"failed_connect", &pool_stats::failed_connect},
-    {"failed_pool", &pool_stats::failed_pool},
-    {"failed_timeout", &pool_stats::failed_timeout},
-    {"failed_stale_reuse_not_retried", &pool_stats::failed_stale_reuse_not_retried},
-    {"failed_connection", &pool_stats::failed_connection},
-    {"failed_protocol", &pool_stats::failed_protocol},
-    {"tls_resumed", &pool_stats::tls_resumed},
-}};
-static_assert(sizeof(pool_stats) == pool_counters.size() * sizeof(std::uint64_t),
-              "a pool_stats counter is missing from pool_counters");
-
-}  // namespace
-
 pool_stats& pool_stats::operator+=(const pool_stats& other) noexcept {
-  for (const auto& [name, member] : pool_counters) this->*member += other.*member;
+  for (const auto& c : pool_counters) this->*c.value += other.*c.value;
   return *this;
 }
 
 std::string pool_stats::describe() const {
   std::string out;
-  for (const auto& [name, member] : pool_counters) {
-    fmt::format_to(std::back_inserter(out), "{}{}={}", out.empty() ? "" : " ", name, this->*member);
+  for (const auto& c : pool_counters) {
+    fmt::format_to(std::back_inserter(out), "{}{}={}", out.empty() ? "" : " ", c.name, this->*c.value);
   }
   return out;
 }
